@@ -1,0 +1,1 @@
+"""Benchmarks run by `qlm bench ...` (see docs/benchmarks.md)."""

@@ -1,0 +1,112 @@
+"""The `qlm` command: `qlm up` runs the local stack, `qlm test` the test suite,
+`qlm generate` streams a completion, `qlm health` probes a service, `qlm bench mesh` measures
+the mesh's overhead."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def cmd_up(args) -> int:
+    from .launcher import up
+
+    return up(args.config)
+
+
+def cmd_test(args) -> int:
+    return subprocess.call([sys.executable, "-m", "pytest", *args.pytest_args], cwd=ROOT)
+
+
+def cmd_health(args) -> int:
+    from .launcher import check_health
+
+    ok = check_health(args.address, args.service, timeout_s=args.timeout)
+    print("SERVING" if ok else "NOT_SERVING")
+    return 0 if ok else 1
+
+
+def cmd_generate(args) -> int:
+    import grpc
+
+    from .v1 import router_pb2, router_pb2_grpc
+
+    request = router_pb2.GenerateRequest(
+        model=args.model, prompt=args.prompt, max_tokens=args.max_tokens,
+        slo_class=args.slo_class, sampling=router_pb2.SamplingParams(ignore_eos=args.ignore_eos),
+    )
+    if args.temperature is not None:
+        request.sampling.temperature = args.temperature
+    if args.seed is not None:
+        request.sampling.seed = args.seed
+    with grpc.insecure_channel(args.router) as channel:
+        try:
+            for message in router_pb2_grpc.RouterStub(channel).Generate(request):
+                if message.text:
+                    print(message.text, end="", flush=True)
+                if message.HasField("finished"):
+                    f = message.finished
+                    print(f"\n[{router_pb2.FinishReason.Name(f.reason)} id={message.request_id} "
+                          f"prompt={f.usage.prompt_tokens} output={f.usage.output_tokens} "
+                          f"wait={f.usage.queue_wait_ms:.1f}ms ttft={f.usage.ttft_ms:.1f}ms "
+                          f"e2e={f.usage.e2e_ms:.1f}ms]", file=sys.stderr)
+        except grpc.RpcError as e:
+            print(f"qlm generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_bench_mesh(args) -> int:
+    from .bench.mesh import main as bench_main
+
+    return bench_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="run the local stack until Ctrl-C")
+    p.add_argument("--config", default=None, help="stack config (default deploy/local.yaml)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("test", help="run the test suite (extra arguments go to pytest)")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("health", help="exit 0 when a service answers SERVING")
+    p.add_argument("address", help="HOST:PORT")
+    p.add_argument("service", nargs="?", default="", help='e.g. qlm.v1.Router ("" = overall)')
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.set_defaults(func=cmd_health)
+
+    p = sub.add_parser("generate", help="stream a completion through a router")
+    p.add_argument("--router", default="127.0.0.1:50051")
+    p.add_argument("--model", default="small")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--slo-class", default="")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("mesh", help="router throughput and added latency vs the bare engine")
+    p.add_argument("--requests", type=int, default=4000)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.set_defaults(func=cmd_bench_mesh)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

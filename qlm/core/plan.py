@@ -1,0 +1,44 @@
+"""What a policy sees (a Snapshot of the fleet) and what it returns (a Plan)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupView:
+    id: str
+    model: str
+    slo_class: str
+    # Earliest TTFT deadline of its members, Unix ms.
+    deadline_ms: int
+    # Arrival order: groups are numbered as they open.
+    sequence: int
+    # Requests still waiting in it.
+    queued: int
+    # The worker whose virtual queue holds it now ("" when pending).
+    worker: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerView:
+    id: str
+    models: tuple[str, ...]
+    max_running: int
+    running: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    now_ms: int
+    groups: tuple[GroupView, ...]
+    workers: tuple[WorkerView, ...]
+
+
+@dataclasses.dataclass
+class Plan:
+    # worker id -> group ids in the order that worker serves them
+    queues: dict[str, list[str]]
+    # groups no alive worker can serve (their model has no worker); they stay pending
+    unplaced: list[str] = dataclasses.field(default_factory=list)
+    policy: str = ""

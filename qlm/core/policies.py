@@ -1,0 +1,71 @@
+"""Scheduling policies: pure functions from a Snapshot of the fleet to a Plan.
+
+`fcfs` is what vLLM does out of the box (first come first served per instance, requests spread
+round-robin); `edf` orders by deadline and balances queued work. The QLM policy (estimator and
+plan generator) builds on the same signature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .plan import GroupView, Plan, Snapshot, WorkerView
+
+Policy = Callable[[Snapshot], Plan]
+
+
+def _eligible(snapshot: Snapshot) -> dict[str, list[WorkerView]]:
+    by_model: dict[str, list[WorkerView]] = {}
+    for w in sorted(snapshot.workers, key=lambda w: w.id):
+        for m in w.models:
+            by_model.setdefault(m, []).append(w)
+    return by_model
+
+
+def _place(snapshot: Snapshot, ordered: list[GroupView], pick, name: str) -> Plan:
+    plan = Plan(queues={w.id: [] for w in snapshot.workers}, policy=name)
+    by_model = _eligible(snapshot)
+    for g in ordered:
+        candidates = by_model.get(g.model)
+        if not candidates:
+            plan.unplaced.append(g.id)
+            continue
+        plan.queues[pick(g, candidates)].append(g.id)
+    return plan
+
+
+def fcfs(snapshot: Snapshot) -> Plan:
+    """Arrival order; groups dealt to the model's workers in turn."""
+    turn: dict[str, int] = {}
+
+    def round_robin(g: GroupView, candidates: list[WorkerView]) -> str:
+        i = turn.get(g.model, 0)
+        turn[g.model] = i + 1
+        return candidates[i % len(candidates)].id
+
+    ordered = sorted(snapshot.groups, key=lambda g: g.sequence)
+    return _place(snapshot, ordered, round_robin, "fcfs")
+
+
+def edf(snapshot: Snapshot) -> Plan:
+    """Earliest deadline first; each group goes to the worker with the least work ahead of it
+    (running plus already placed queued requests, per unit of batch capacity)."""
+    load = {w.id: w.running for w in snapshot.workers}
+
+    def least_loaded(g: GroupView, candidates: list[WorkerView]) -> str:
+        best = min(candidates, key=lambda w: (load[w.id] / max(w.max_running, 1), w.id))
+        load[best.id] += g.queued
+        return best.id
+
+    ordered = sorted(snapshot.groups, key=lambda g: (g.deadline_ms, g.sequence))
+    return _place(snapshot, ordered, least_loaded, "edf")
+
+
+POLICIES: dict[str, Policy] = {"fcfs": fcfs, "edf": edf}
+
+
+def get(name: str) -> Policy:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None

@@ -1,0 +1,356 @@
+"""A simulated LLM instance: continuous batching in real time, driven by a measured profile.
+
+The sim lets the whole stack (router, planner, workers) run and be tested without GPUs while
+keeping the properties the planner relies on: a bounded batch, a bounded KV cache, step times
+that grow with the batch, slower cold than warm model loads, and outputs that are a
+deterministic function of the context, so a request resumed elsewhere continues identically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import logging
+import os
+import random
+from collections.abc import AsyncIterator
+
+import yaml
+
+from qlm.config import ConfigError
+from qlm.engines.base import (
+    Engine,
+    EngineError,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    EvictedRequest,
+)
+from qlm.engines.tokenizer import ByteTokenizer
+
+log = logging.getLogger(__name__)
+
+# Lowercase letters and space: generated text stays readable.
+_ALPHABET = tuple(range(97, 123)) + (32,)
+# How many trailing context tokens decide the next one. Any fixed window keeps the
+# continuation property; a short one keeps hashing cheap for long prompts.
+_WINDOW = 8
+_DURATIONS = (
+    "prefill_ms_per_token",
+    "decode_step_ms",
+    "decode_ms_per_seq",
+    "load_ms",
+    "warm_load_ms",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimProfile:
+    max_running: int
+    kv_capacity_tokens: int
+    prefill_ms_per_token: float
+    decode_step_ms: float
+    decode_ms_per_seq: float
+    load_ms: float
+    warm_load_ms: float
+    eos_probability: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "kv_capacity_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in _DURATIONS + ("eos_probability",):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+        if self.eos_probability > 1:
+            raise ConfigError(f"eos_probability must be at most 1, got {self.eos_probability!r}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SimProfile:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read sim profile {path}: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"sim profile {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"sim profile {path} must be a mapping of parameters")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise ConfigError(f"sim profile {path}: unknown keys {unknown} (known: {list(fields)})")
+        missing = [
+            n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING
+        ]
+        if missing:
+            raise ConfigError(f"sim profile {path}: missing keys {missing}")
+        try:
+            return cls(**raw)
+        except ConfigError as e:
+            raise ConfigError(f"sim profile {path}: {e}") from None
+
+
+@dataclasses.dataclass(eq=False)
+class _Seq:
+    request: EngineRequest
+    key: bytes  # hash key: the seed, or a random one per request
+    arrival: int
+    context: collections.deque  # the last _WINDOW tokens of prompt + generated
+    generated: list[int] = dataclasses.field(default_factory=list)
+    # Tokens produced but not yet read by the consumer; drained together (coalescing).
+    pending: list[int] = dataclasses.field(default_factory=list)
+    ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    finish_reason: str | None = None
+    error: str = ""
+
+    @property
+    def kv_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + self.request.max_tokens
+
+
+class SimEngine(Engine):
+    kind = "sim"
+
+    def __init__(self, models: list[str], profile: SimProfile, time_scale: float = 1.0):
+        if time_scale < 0:
+            raise EngineError(f"time_scale must be >= 0, got {time_scale!r}")
+        self.profile = profile
+        self.time_scale = float(time_scale)
+        self.tokenizer = ByteTokenizer()
+        self._served: dict[str, None] = dict.fromkeys(models)  # a dict keeps load order
+        self._warm: set[str] = set()
+        self._waiting: dict[str, _Seq] = {}
+        self._running: dict[str, _Seq] = {}
+        self._kv_used = 0
+        self._arrivals = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        # Virtual accounting, unaffected by time_scale or by machine load: tests and the
+        # profiler can check the modelled cost without reading wall clocks.
+        self.steps = 0
+        self.sim_time_ms = 0.0
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        # The initial models count as loaded already: the sim models a worker whose boot
+        # happened before it joined, so a local stack starts in seconds, not load_ms.
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="sim-engine-steps")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        for seq in [*self._running.values(), *self._waiting.values()]:
+            self._finish(seq, "abort")
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        return list(self._served)
+
+    def free_slots(self) -> int:
+        if self._kv_used >= self.profile.kv_capacity_tokens:
+            return 0
+        return max(0, self.profile.max_running - len(self._running) - len(self._waiting))
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self._running),
+            waiting=len(self._waiting),
+            max_running=self.profile.max_running,
+            kv_used_tokens=self._kv_used,
+            kv_capacity_tokens=self.profile.kv_capacity_tokens,
+        )
+
+    def tokenize(self, model: str, text: str) -> list[int]:
+        self._check_model(model)
+        return self.tokenizer.encode(text)
+
+    # --- requests --------------------------------------------------------------------------
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        # Checked here, at call time, so a bad request fails before anyone iterates.
+        self._check_request(request)
+        return self._stream(request)
+
+    async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        self._check_request(request)  # again: the model may have been unloaded meanwhile
+        seq = self._submit(request)
+        try:
+            while True:
+                await seq.ready.wait()
+                seq.ready.clear()
+                tokens, seq.pending = tuple(seq.pending), []
+                done = seq.finish_reason is not None
+                yield EngineOutput(
+                    token_ids=tokens,
+                    text=self.tokenizer.decode(tokens),
+                    finished=done,
+                    finish_reason=seq.finish_reason,
+                    error=seq.error,
+                )
+                if done:
+                    return
+        finally:
+            # The consumer went away (closed or cancelled): nobody will read the output.
+            if seq.finish_reason is None:
+                self._finish(seq, "abort")
+
+    async def abort(self, request_id: str) -> None:
+        seq = self._running.get(request_id) or self._waiting.get(request_id)
+        if seq is not None:
+            self._finish(seq, "abort")
+
+    async def evict(self, request_id: str) -> EvictedRequest | None:
+        seq = self._running.get(request_id) or self._waiting.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, "abort")
+        return EvictedRequest(request_id, tuple(seq.generated), kv_kept=False)
+
+    # --- models ----------------------------------------------------------------------------
+
+    async def load_model(self, model: str) -> None:
+        if model in self._served:
+            return
+        cost = self.profile.warm_load_ms if model in self._warm else self.profile.load_ms
+        await self._sleep(cost)
+        self._served[model] = None
+
+    async def unload_model(self, model: str) -> None:
+        self._served.pop(model, None)
+        for seq in [*self._running.values(), *self._waiting.values()]:
+            if seq.request.model == model:
+                self._finish(seq, "abort")
+
+    async def warm_model(self, model: str) -> None:
+        if model in self._warm:
+            return
+        await self._sleep(self.profile.load_ms)
+        self._warm.add(model)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _check_model(self, model: str) -> None:
+        if model not in self._served:
+            raise EngineError(f"model {model!r} is not served here (serving {self.models()})")
+
+    def _check_request(self, r: EngineRequest) -> None:
+        if self._task is None or self._task.done():
+            raise EngineError("sim engine is not running (call start())")
+        self._check_model(r.model)
+        if not r.prompt_token_ids:
+            raise EngineError(f"request {r.request_id}: empty prompt")
+        if r.max_tokens < 1:
+            raise EngineError(
+                f"request {r.request_id}: max_tokens must be >= 1, got {r.max_tokens}"
+            )
+        need = len(r.prompt_token_ids) + r.max_tokens
+        if need > self.profile.kv_capacity_tokens:
+            raise EngineError(
+                f"request {r.request_id}: prompt + max_tokens = {need} tokens exceeds the "
+                f"KV capacity of {self.profile.kv_capacity_tokens}"
+            )
+        if r.request_id in self._running or r.request_id in self._waiting:
+            raise EngineError(f"request {r.request_id} is already running")
+
+    def _submit(self, r: EngineRequest) -> _Seq:
+        if r.seed is not None:
+            seed = r.seed
+        elif r.temperature == 0:
+            seed = 0
+        else:
+            seed = random.getrandbits(64)
+        self._arrivals += 1
+        seq = _Seq(
+            request=r,
+            key=str(seed).encode(),
+            arrival=self._arrivals,
+            context=collections.deque(r.prompt_token_ids[-_WINDOW:], maxlen=_WINDOW),
+        )
+        self._waiting[r.request_id] = seq
+        self._wake.set()
+        return seq
+
+    def _finish(self, seq: _Seq, reason: str, error: str = "") -> None:
+        rid = seq.request.request_id
+        if self._running.get(rid) is seq:
+            del self._running[rid]
+            self._kv_used -= seq.kv_tokens
+        elif self._waiting.get(rid) is seq:
+            del self._waiting[rid]
+        seq.finish_reason, seq.error = reason, error
+        seq.ready.set()
+
+    def _admit(self) -> list[_Seq]:
+        admitted = []
+        # Strict order: a large request at the head is not overtaken by smaller ones forever.
+        for seq in sorted(self._waiting.values(), key=lambda s: (s.request.priority, s.arrival)):
+            if len(self._running) >= self.profile.max_running:
+                break
+            if self._kv_used + seq.kv_tokens > self.profile.kv_capacity_tokens:
+                break
+            del self._waiting[seq.request.request_id]
+            self._running[seq.request.request_id] = seq
+            self._kv_used += seq.kv_tokens
+            admitted.append(seq)
+        return admitted
+
+    async def _sleep(self, ms: float) -> None:
+        # asyncio.sleep(0) still yields, so time_scale 0 never starves other coroutines.
+        await asyncio.sleep(ms * self.time_scale / 1000)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                admitted = self._admit()
+                if not self._running:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                p = self.profile
+                step_ms = (
+                    p.prefill_ms_per_token * sum(len(s.request.prompt_token_ids) for s in admitted)
+                    + p.decode_step_ms
+                    + p.decode_ms_per_seq * len(self._running)
+                )
+                self.steps += 1
+                self.sim_time_ms += step_ms
+                await self._sleep(step_ms)
+                # Requests aborted during the step are gone from _running; new ones wait.
+                for seq in list(self._running.values()):
+                    self._advance(seq)
+        except Exception as e:
+            # Without this, every consumer would wait forever on a dead stepping task.
+            log.exception("sim engine stepping failed")
+            for seq in [*self._running.values(), *self._waiting.values()]:
+                self._finish(seq, "error", f"sim engine failed: {e}")
+            raise
+
+    def _advance(self, seq: _Seq) -> None:
+        material = seq.key + b"|" + ",".join(map(str, seq.context)).encode()
+        digest = hashlib.blake2b(material, digest_size=16).digest()
+        r = seq.request
+        eos_draw = int.from_bytes(digest[8:], "little") / 2**64  # uniform in [0, 1)
+        if not r.ignore_eos and eos_draw < self.profile.eos_probability:
+            # EOS only ends the request: it has no text, so it is not part of the output.
+            self._finish(seq, "stop")
+            return
+        token = _ALPHABET[int.from_bytes(digest[:8], "little") % len(_ALPHABET)]
+        seq.context.append(token)
+        seq.generated.append(token)
+        seq.pending.append(token)
+        seq.ready.set()
+        if len(seq.generated) >= r.max_tokens:
+            self._finish(seq, "length")

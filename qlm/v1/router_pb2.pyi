@@ -1,0 +1,214 @@
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+    FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
+    FINISH_REASON_ERROR: _ClassVar[FinishReason]
+
+class RequestState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REQUEST_STATE_UNSPECIFIED: _ClassVar[RequestState]
+    REQUEST_STATE_QUEUED: _ClassVar[RequestState]
+    REQUEST_STATE_RUNNING: _ClassVar[RequestState]
+    REQUEST_STATE_FINISHED: _ClassVar[RequestState]
+    REQUEST_STATE_CANCELLED: _ClassVar[RequestState]
+    REQUEST_STATE_FAILED: _ClassVar[RequestState]
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_STOP: FinishReason
+FINISH_REASON_CANCELLED: FinishReason
+FINISH_REASON_ERROR: FinishReason
+REQUEST_STATE_UNSPECIFIED: RequestState
+REQUEST_STATE_QUEUED: RequestState
+REQUEST_STATE_RUNNING: RequestState
+REQUEST_STATE_FINISHED: RequestState
+REQUEST_STATE_CANCELLED: RequestState
+REQUEST_STATE_FAILED: RequestState
+
+class SamplingParams(_message.Message):
+    __slots__ = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos")
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    ignore_eos: bool
+    def __init__(self, max_tokens: int | None = ..., temperature: float | None = ..., top_p: float | None = ..., seed: int | None = ..., ignore_eos: bool | None = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("model", "prompt", "prompt_token_ids", "max_tokens", "sampling", "slo_class", "ttft_deadline_ms", "request_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    prompt: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_tokens: int
+    sampling: SamplingParams
+    slo_class: str
+    ttft_deadline_ms: int
+    request_id: str
+    def __init__(self, model: str | None = ..., prompt: str | None = ..., prompt_token_ids: _Iterable[int] | None = ..., max_tokens: int | None = ..., sampling: SamplingParams | _Mapping | None = ..., slo_class: str | None = ..., ttft_deadline_ms: int | None = ..., request_id: str | None = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "output_tokens", "queue_wait_ms", "ttft_ms", "e2e_ms")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    E2E_MS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    output_tokens: int
+    queue_wait_ms: float
+    ttft_ms: float
+    e2e_ms: float
+    def __init__(self, prompt_tokens: int | None = ..., output_tokens: int | None = ..., queue_wait_ms: float | None = ..., ttft_ms: float | None = ..., e2e_ms: float | None = ...) -> None: ...
+
+class Finished(_message.Message):
+    __slots__ = ("reason", "usage", "error", "slo_met")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SLO_MET_FIELD_NUMBER: _ClassVar[int]
+    reason: FinishReason
+    usage: Usage
+    error: str
+    slo_met: bool
+    def __init__(self, reason: FinishReason | str | None = ..., usage: Usage | _Mapping | None = ..., error: str | None = ..., slo_met: bool | None = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("request_id", "index", "token_ids", "text", "finished")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    index: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    finished: Finished
+    def __init__(self, request_id: str | None = ..., index: int | None = ..., token_ids: _Iterable[int] | None = ..., text: str | None = ..., finished: Finished | _Mapping | None = ...) -> None: ...
+
+class SubmitResponse(_message.Message):
+    __slots__ = ("request_id", "created")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    created: bool
+    def __init__(self, request_id: str | None = ..., created: bool | None = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("request_id", "from_index")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    from_index: int
+    def __init__(self, request_id: str | None = ..., from_index: int | None = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: str | None = ...) -> None: ...
+
+class CancelResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: RequestState
+    def __init__(self, state: RequestState | str | None = ...) -> None: ...
+
+class GetRequestRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: str | None = ...) -> None: ...
+
+class RequestInfo(_message.Message):
+    __slots__ = ("request_id", "model", "slo_class", "state", "group_id", "worker_id", "prompt_tokens", "output_tokens", "max_tokens", "ttft_deadline_ms", "finish_reason", "usage", "requeues", "expires_in_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    REQUEUES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    slo_class: str
+    state: RequestState
+    group_id: str
+    worker_id: str
+    prompt_tokens: int
+    output_tokens: int
+    max_tokens: int
+    ttft_deadline_ms: int
+    finish_reason: FinishReason
+    usage: Usage
+    requeues: int
+    expires_in_s: int
+    def __init__(self, request_id: str | None = ..., model: str | None = ..., slo_class: str | None = ..., state: RequestState | str | None = ..., group_id: str | None = ..., worker_id: str | None = ..., prompt_tokens: int | None = ..., output_tokens: int | None = ..., max_tokens: int | None = ..., ttft_deadline_ms: int | None = ..., finish_reason: FinishReason | str | None = ..., usage: Usage | _Mapping | None = ..., requeues: int | None = ..., expires_in_s: int | None = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "max_model_len", "max_tokens", "workers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    max_model_len: int
+    max_tokens: int
+    workers: int
+    def __init__(self, name: str | None = ..., max_model_len: int | None = ..., max_tokens: int | None = ..., workers: int | None = ...) -> None: ...
+
+class SloClass(_message.Message):
+    __slots__ = ("name", "ttft_deadline_ms", "max_queued", "is_default")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TTFT_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ttft_deadline_ms: int
+    max_queued: int
+    is_default: bool
+    def __init__(self, name: str | None = ..., ttft_deadline_ms: int | None = ..., max_queued: int | None = ..., is_default: bool | None = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "slo_classes")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    SLO_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    slo_classes: _containers.RepeatedCompositeFieldContainer[SloClass]
+    def __init__(self, models: _Iterable[ModelInfo | _Mapping] | None = ..., slo_classes: _Iterable[SloClass | _Mapping] | None = ...) -> None: ...

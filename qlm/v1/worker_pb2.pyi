@@ -1,0 +1,85 @@
+from collections.abc import Iterable as _Iterable
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar
+
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EvictAction(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: str | None = ...) -> None: ...
+
+class SwapModelAction(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: str | None = ...) -> None: ...
+
+class WarmModelAction(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: str | None = ...) -> None: ...
+
+class Action(_message.Message):
+    __slots__ = ("evict", "swap_model", "warm_model")
+    EVICT_FIELD_NUMBER: _ClassVar[int]
+    SWAP_MODEL_FIELD_NUMBER: _ClassVar[int]
+    WARM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    evict: EvictAction
+    swap_model: SwapModelAction
+    warm_model: WarmModelAction
+    def __init__(self, evict: EvictAction | _Mapping | None = ..., swap_model: SwapModelAction | _Mapping | None = ..., warm_model: WarmModelAction | _Mapping | None = ...) -> None: ...
+
+class ActionPlan(_message.Message):
+    __slots__ = ("epoch", "sequence", "worker_id", "actions")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    sequence: int
+    worker_id: str
+    actions: _containers.RepeatedCompositeFieldContainer[Action]
+    def __init__(self, epoch: int | None = ..., sequence: int | None = ..., worker_id: str | None = ..., actions: _Iterable[Action | _Mapping] | None = ...) -> None: ...
+
+class ApplyPlanResponse(_message.Message):
+    __slots__ = ("applied", "detail")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    applied: bool
+    detail: str
+    def __init__(self, applied: bool | None = ..., detail: str | None = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker_id", "models", "engine", "running", "max_running", "kv_used_tokens", "kv_capacity_tokens", "plan_epoch", "plan_sequence", "completed")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    KV_USED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PLAN_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    engine: str
+    running: int
+    max_running: int
+    kv_used_tokens: int
+    kv_capacity_tokens: int
+    plan_epoch: int
+    plan_sequence: int
+    completed: int
+    def __init__(self, worker_id: str | None = ..., models: _Iterable[str] | None = ..., engine: str | None = ..., running: int | None = ..., max_running: int | None = ..., kv_used_tokens: int | None = ..., kv_capacity_tokens: int | None = ..., plan_epoch: int | None = ..., plan_sequence: int | None = ..., completed: int | None = ...) -> None: ...

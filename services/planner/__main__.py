@@ -1,0 +1,53 @@
+"""python -m services.planner --config FILE [--listen ADDR] [--redis-url URL] [--policy NAME]"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from qlm import config as qlm_config
+from qlm.serving import GrpcServer, host_port, run_until_signal, setup_logging
+from qlm.state.store import QueueStore
+from qlm.v1 import planner_pb2_grpc
+
+from .loop import PlannerLoop
+from .server import PlannerService
+
+log = logging.getLogger("qlm.planner")
+
+
+async def serve(args) -> None:
+    config = qlm_config.load(args.config)
+    listen = args.listen or config.planner_listen
+    store = QueueStore.connect(args.redis_url or config.redis_url)
+    loop = PlannerLoop(config, store, policy=args.policy)
+    server = GrpcServer("qlm.v1.Planner", listen)
+    planner_pb2_grpc.add_PlannerServicer_to_server(PlannerService(loop), server.server)
+    await server.start()
+    await loop.start()
+    await server.set_serving(True)
+    log.info("planner %s (%s) listening on %s", loop.id, loop.policy_name,
+             host_port(listen, server.port))
+    try:
+        await run_until_signal()
+    finally:
+        await server.set_serving(False)
+        await loop.stop()
+        await server.stop()
+        await store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.planner", description=__doc__)
+    parser.add_argument("--config", default=None, help="stack config (default deploy/local.yaml)")
+    parser.add_argument("--listen", default=None, help="override the config's planner.listen")
+    parser.add_argument("--redis-url", default=None, help="override QLM_REDIS_URL / redis.url")
+    parser.add_argument("--policy", default=None, help="override planner.policy (fcfs, edf)")
+    args = parser.parse_args()
+    setup_logging("planner")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""PlannerLoop: leadership, snapshots, plan installation and pushes (no gRPC server here)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+
+from qlm.config import StackConfig
+from qlm.core import policies
+from qlm.core.plan import GroupView, Plan, Snapshot, WorkerView
+from qlm.serving import cancel_and_wait
+from qlm.state.store import QueueStore
+from qlm.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("qlm.planner")
+
+# After the first event, wait this long for more so a burst costs one plan, not hundreds.
+DEBOUNCE_S = 0.005
+
+
+async def take_snapshot(store: QueueStore) -> Snapshot:
+    workers = await store.alive_workers()
+    groups = await store.groups()
+    return Snapshot(
+        now_ms=await store.now_ms(),
+        groups=tuple(
+            GroupView(id=g["id"], model=g["model"], slo_class=g["cls"],
+                      deadline_ms=int(g["deadline_ms"]), sequence=int(g["id"][1:]),
+                      queued=int(g["queued"]), worker=g.get("vq", ""))
+            for g in groups if int(g["queued"]) > 0
+        ),
+        workers=tuple(
+            WorkerView(id=wid, models=tuple(info.get("models", "").split()),
+                       max_running=int(info.get("max_running") or 1),
+                       running=int(info.get("running") or 0))
+            for wid, info in sorted(workers.items())
+        ),
+    )
+
+
+class PlannerLoop:
+    def __init__(self, config: StackConfig, store: QueueStore, policy: str | None = None,
+                 planner_id: str | None = None):
+        self.config = config
+        self.store = store
+        self.policy_name = policy or config.planner_policy
+        self.policy = policies.get(self.policy_name)
+        self.id = planner_id or uuid.uuid4().hex[:12]
+        self.epoch = 0
+        self.sequence = 0
+        self.last_plan: Plan | None = None
+        self.last_compute_ms = 0.0
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self._stopping = False
+
+    @property
+    def interval_s(self) -> float:
+        return self.config.planner_interval_ms / 1000
+
+    @property
+    def leader(self) -> bool:
+        return self.epoch > 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="planner-loop")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await cancel_and_wait([self._task])
+        for ch in self._channels.values():
+            await ch.close()
+
+    async def _take_lead(self) -> None:
+        ttl_ms = max(2000, 4 * self.config.planner_interval_ms)
+        epoch = await self.store.leader(self.id, ttl_ms)
+        if epoch != self.epoch:
+            log.info("planner %s: %s", self.id,
+                     f"leader with epoch {epoch}" if epoch else "standby")
+            self.sequence = 0
+            self.last_plan = None
+        self.epoch = epoch
+
+    async def _wait_for_events(self, last_event: str) -> str:
+        """Returns at the first new event (arrival, completion, ...) or at the end of the
+        interval; gives back the id of the last event seen."""
+        streams = await self.store.client.xread(
+            {self.store.key("events"): last_event}, count=10000,
+            block=max(1, int(self.interval_s * 1000)))
+        if streams:
+            last_event = streams[0][1][-1][0]
+            await asyncio.sleep(DEBOUNCE_S)
+        return last_event
+
+    async def _run(self) -> None:
+        last_event = "$"
+        while not self._stopping:
+            try:
+                await self._take_lead()
+                if not self.leader:
+                    await asyncio.sleep(self.interval_s)
+                    continue
+                last_event = await self._wait_for_events(last_event)
+                await self.store.expire()
+                await self.plan_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # Redis or a worker unreachable: try again next tick
+                log.warning("planner %s: %s", self.id, e)
+                await asyncio.sleep(self.interval_s)
+
+    async def plan_once(self) -> Plan | None:
+        """Computes and installs one plan; None when this planner is not the leader."""
+        async with self._lock:
+            if not self.leader:
+                return None
+            snapshot = await take_snapshot(self.store)
+            started = time.perf_counter()
+            plan = self.policy(snapshot)
+            compute_ms = (time.perf_counter() - started) * 1000
+            self.sequence += 1
+            ok, epoch_now = await self.store.install_plan(
+                self.id, self.epoch, self.sequence, self.policy_name, compute_ms, plan.queues)
+            if not ok:
+                log.warning("planner %s: plan refused, epoch %s is in force", self.id, epoch_now)
+                self.epoch = 0
+                return None
+            previous, self.last_plan, self.last_compute_ms = self.last_plan, plan, compute_ms
+            await self._push(plan, previous, snapshot)
+            return plan
+
+    async def _push(self, plan: Plan, previous: Plan | None, snapshot: Snapshot) -> None:
+        """Sends each worker whose queue changed its action plan (empty for fcfs and edf)."""
+        workers = await self.store.alive_workers()
+        calls = []
+        for wid, queue in plan.queues.items():
+            if previous is not None and previous.queues.get(wid) == queue:
+                continue
+            address = workers.get(wid, {}).get("address")
+            if not address:
+                continue
+            stub = worker_pb2_grpc.WorkerStub(self._channel(address))
+            calls.append(stub.ApplyPlan(
+                worker_pb2.ActionPlan(epoch=self.epoch, sequence=self.sequence, worker_id=wid),
+                timeout=2.0))
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.warning("planner %s: push failed: %s", self.id, result)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return self._channels[address]

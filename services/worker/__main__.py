@@ -1,0 +1,60 @@
+"""python -m services.worker --config FILE --worker-id ID [--listen ADDR] [--redis-url URL]"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+
+from qlm import config as qlm_config
+from qlm.engines import create_engine
+from qlm.serving import GrpcServer, host_port, run_until_signal, setup_logging
+from qlm.state.store import QueueStore
+from qlm.v1 import worker_pb2_grpc
+
+from .runner import WorkerRunner
+from .server import WorkerService
+
+log = logging.getLogger("qlm.worker")
+
+
+async def serve(args) -> None:
+    config = qlm_config.load(args.config)
+    worker = config.worker(args.worker_id)
+    if args.listen:
+        worker = dataclasses.replace(worker, listen=args.listen, advertise=args.listen)
+    store = QueueStore.connect(args.redis_url or config.redis_url)
+    engine = create_engine(worker, config)
+    await engine.start()
+    runner = WorkerRunner(config, worker, engine, store)
+    server = GrpcServer("qlm.v1.Worker", worker.listen)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(runner), server.server)
+    await server.start()
+    await runner.start()
+    await server.set_serving(True)
+    log.info("worker %s serving %s on %s", worker.id, engine.models(),
+             host_port(worker.listen, server.port))
+    try:
+        await run_until_signal()
+    finally:
+        await server.set_serving(False)
+        await runner.stop()
+        await engine.stop()
+        await server.stop()
+        await store.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.worker", description=__doc__)
+    parser.add_argument("--config", default=None, help="stack config (default deploy/local.yaml)")
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--listen", default=None, help="override the config's listen address")
+    parser.add_argument("--redis-url", default=None, help="override QLM_REDIS_URL / redis.url")
+    args = parser.parse_args()
+    setup_logging(f"worker[{args.worker_id}]")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""WorkerRunner: the pull loop, leases and output streaming of one worker (no gRPC here)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from qlm.config import StackConfig, WorkerConfig
+from qlm.engines.base import Engine, EngineError, EngineRequest
+from qlm.serving import cancel_and_wait
+from qlm.state.store import ClaimedRequest, QueueStore
+
+log = logging.getLogger("qlm.worker")
+
+
+def engine_request(claimed: ClaimedRequest, context: list[int], generated: int) -> EngineRequest:
+    f = claimed.fields
+    return EngineRequest(
+        request_id=claimed.request_id,
+        model=f["model"],
+        prompt_token_ids=tuple(context),
+        max_tokens=int(f["max_tokens"]) - generated,
+        temperature=float(f.get("temperature") or 1.0),
+        top_p=float(f.get("top_p") or 1.0),
+        seed=int(f["seed"]) if f.get("seed") else None,
+        ignore_eos=f.get("ignore_eos") == "1",
+        # tighter deadlines run first inside the engine when it must queue
+        priority=int(f.get("ttft_budget_ms") or 0),
+    )
+
+
+class WorkerRunner:
+    def __init__(self, config: StackConfig, worker: WorkerConfig, engine: Engine,
+                 store: QueueStore, poll_s: float = 0.5):
+        self.config = config
+        self.worker = worker
+        self.engine = engine
+        self.store = store
+        self.poll_s = poll_s
+        self.running: dict[str, asyncio.Task] = {}
+        self.completed = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._pubsub = None
+        self._stopping = False
+
+    @property
+    def id(self) -> str:
+        return self.worker.id
+
+    async def start(self) -> None:
+        await self._heartbeat()
+        self._pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+        await self._subscribe()
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="worker-listen"),
+            asyncio.create_task(self._heartbeats(), name="worker-heartbeat"),
+            asyncio.create_task(self._pull_loop(), name="worker-pull"),
+        ]
+
+    async def _subscribe(self) -> None:
+        channels = [self.store.key("wake", m) for m in self.engine.models()]
+        await self._pubsub.subscribe(self.store.key("ctl", self.id), *channels)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await cancel_and_wait(self._tasks)
+        await cancel_and_wait(list(self.running.values()))
+        if self._pubsub:
+            await self._pubsub.aclose()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        while not self._stopping:
+            try:
+                async for message in self._pubsub.listen():
+                    data = message["data"]
+                    if data.startswith("abort "):
+                        await self.engine.abort(data[6:])
+                    else:
+                        self._wake.set()  # new work, or a new plan
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("%s: subscription lost (%s); resubscribing", self.id, e)
+                await asyncio.sleep(0.5)
+                try:
+                    await self._subscribe()
+                except Exception:
+                    pass
+
+    async def _heartbeat(self) -> None:
+        stats = self.engine.stats()
+        _, lost = await self.store.heartbeat(
+            self.id, ttl_ms=3 * self.config.heartbeat_ms, lease_ms=self.config.lease_ms,
+            address=self.worker.advertise, engine=self.engine.kind,
+            models=self.engine.models(), max_running=stats.max_running,
+            running=list(self.running),
+        )
+        for rid in lost:  # cancelled, or our lease lapsed and it runs elsewhere now
+            await self.engine.abort(rid)
+
+    async def _heartbeats(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(self.config.heartbeat_ms / 1000)
+            try:
+                await self._heartbeat()
+                await self.store.expire()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("%s: heartbeat failed: %s", self.id, e)
+
+    async def _pull_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.pull()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("%s: pull failed: %s", self.id, e)
+                await asyncio.sleep(self.poll_s)
+
+    async def pull(self) -> int:
+        """Claims as many requests as the engine has room for; returns how many."""
+        total = 0
+        while (room := self.engine.free_slots()) > 0:
+            claimed = await self.store.claim(
+                self.id, room, self.config.lease_ms, self.engine.models())
+            for c in claimed:
+                self.running[c.request_id] = asyncio.create_task(
+                    self._serve(c), name=f"serve-{c.request_id}")
+            total += len(claimed)
+            if len(claimed) < room:
+                break
+        return total
+
+    async def _context(self, claimed: ClaimedRequest) -> tuple[list[int], int]:
+        """The token context to run: the prompt, plus any output a previous worker stored."""
+        f = claimed.fields
+        if f.get("prompt_ids"):
+            prompt = [int(t) for t in f["prompt_ids"].split()]
+        else:
+            prompt = self.engine.tokenize(f["model"], f["prompt"])
+        generated = await self.store.generated_tokens(claimed.request_id) if int(
+            f.get("out") or 0) else []
+        return prompt + generated, len(generated)
+
+    async def _serve(self, claimed: ClaimedRequest) -> None:
+        rid = claimed.request_id
+        index = 0
+        try:
+            context, index = await self._context(claimed)
+            request = engine_request(claimed, context, index)
+            if request.max_tokens <= 0:  # it had finished everything but its final message
+                await self.store.finish(rid, self.id, "length", "", self.config.retention_s,
+                                        index)
+                return
+            outputs = self.engine.generate(request)
+            async for out in outputs:
+                if out.finished and out.finish_reason in ("length", "stop", "error"):
+                    status, detail = await self.store.finish(
+                        rid, self.id, out.finish_reason, out.error, self.config.retention_s,
+                        index, out.token_ids, out.text)
+                    if status == "gap":
+                        raise RuntimeError(f"finish refused: output gap at {detail}")
+                    self.completed += status == "ok"
+                    return
+                if out.finished:  # aborted or evicted: whoever stopped it owns what follows
+                    return
+                if out.token_ids:
+                    status, detail = await self.store.append(
+                        rid, self.id, index, list(out.token_ids), out.text)
+                    if status == "lost":  # cancelled, or taken over after our lease lapsed
+                        await self.engine.abort(rid)
+                        return
+                    if status != "ok":
+                        raise RuntimeError(f"append refused: {status} {detail}")
+                    index = int(detail)
+        except EngineError as e:
+            log.warning("%s: %s failed: %s", self.id, rid, e)
+            await self.store.finish(rid, self.id, "error", str(e), self.config.retention_s,
+                                    index)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # leave the lease to expire: the request goes back to its group and runs elsewhere
+            log.exception("%s: serving %s failed: %s", self.id, rid, e)
+        finally:
+            self.running.pop(rid, None)
+            self._wake.set()

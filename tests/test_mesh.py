@@ -1,0 +1,272 @@
+"""The mesh over real gRPC and a real Redis: streaming, resume, cancellation, validation,
+health and the planner, with sim engines in the test process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from qlm.v1 import planner_pb2, router_pb2
+
+from .harness import PROFILES, InProcessStack, write_config
+
+SMALL = {"models": ["small"]}
+
+
+@pytest.fixture
+async def stack(redis_server, tmp_path):
+    s = await InProcessStack(
+        redis_server.url,
+        write_config(tmp_path, workers=[
+            {"id": "w0", **SMALL},
+            {"id": "w1", "models": ["large"], "profile": str(PROFILES / "sim-large.yaml")},
+        ]),
+        routers=2,
+    ).start()
+    yield s
+    await s.stop()
+
+
+def gen(prompt="Hello", max_tokens=8, **kw) -> router_pb2.GenerateRequest:
+    kw.setdefault("model", "small")
+    sampling = router_pb2.SamplingParams(temperature=0.0, ignore_eos=True)
+    return router_pb2.GenerateRequest(prompt=prompt, max_tokens=max_tokens, sampling=sampling,
+                                      **kw)
+
+
+async def collect(call) -> tuple[list[router_pb2.GenerateResponse], list[int]]:
+    messages = [m async for m in call]
+    ids = [t for m in messages for t in m.token_ids]
+    return messages, ids
+
+
+def assert_dense(messages: list[router_pb2.GenerateResponse], start: int = 0) -> None:
+    at = start
+    for m in messages:
+        if m.token_ids:
+            assert m.index == at, f"message at index {m.index}, expected {at}"
+            at += len(m.token_ids)
+
+
+async def test_generate_streams_id_then_tokens_then_usage(stack):
+    messages, ids = await collect(stack.router().Generate(gen(max_tokens=12)))
+    first, last = messages[0], messages[-1]
+    assert first.request_id and not first.token_ids and not first.HasField("finished")
+    assert all(m.request_id == first.request_id for m in messages)
+    assert_dense(messages)
+    assert len(ids) == 12
+    assert "".join(m.text for m in messages) == bytes(ids).decode()
+    f = last.finished
+    assert f.reason == router_pb2.FINISH_REASON_LENGTH
+    assert f.usage.prompt_tokens == len(b"Hello") and f.usage.output_tokens == 12
+    assert 0 < f.usage.ttft_ms <= f.usage.e2e_ms
+    assert f.usage.queue_wait_ms <= f.usage.ttft_ms
+    assert f.slo_met
+
+
+async def test_greedy_output_is_reproducible_and_token_prompts_work(stack):
+    _, a = await collect(stack.router().Generate(gen("same prompt", 10)))
+    _, b = await collect(stack.router(1).Generate(gen("same prompt", 10)))
+    assert a == b
+    _, c = await collect(stack.router().Generate(
+        gen("", 10, prompt_token_ids=list(b"same prompt"))))
+    assert c == a
+
+
+async def test_submit_then_watch_from_any_index_on_another_router(stack):
+    sub = await stack.router(0).Submit(gen("watch me", 16))
+    assert sub.created
+    full, ids = await collect(stack.router(1).Watch(
+        router_pb2.WatchRequest(request_id=sub.request_id)))
+    assert len(ids) == 16 and full[-1].finished.reason == router_pb2.FINISH_REASON_LENGTH
+    # resume from the end of a received message: the rest, nothing repeated
+    cut = full[0].index + len(full[0].token_ids)
+    rest_msgs, rest = await collect(stack.router(0).Watch(
+        router_pb2.WatchRequest(request_id=sub.request_id, from_index=cut)))
+    assert rest == ids[cut:]
+    assert_dense(rest_msgs, cut)
+    again = await stack.router(1).Submit(gen("watch me", 16, request_id=sub.request_id))
+    assert again.request_id == sub.request_id and not again.created
+
+
+async def test_watch_and_get_unknown_request_is_not_found(stack):
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await collect(stack.router().Watch(router_pb2.WatchRequest(request_id="nope")))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stack.router().GetRequest(router_pb2.GetRequestRequest(request_id="nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def wait_state(stack, request_id, state, timeout_s=5.0) -> router_pb2.RequestInfo:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        info = await stack.router().GetRequest(router_pb2.GetRequestRequest(request_id=request_id))
+        if info.state == state or loop.time() > deadline:
+            return info
+        await asyncio.sleep(0.02)
+
+
+async def test_cancel_running_request_stops_the_engine(stack):
+    engine = stack.workers["w0"][0].engine
+    sub = await stack.router().Submit(gen("long one", 2000))
+    info = await wait_state(stack, sub.request_id, router_pb2.REQUEST_STATE_RUNNING)
+    assert info.worker_id == "w0"
+    assert engine.stats().running == 1
+    res = await stack.router().Cancel(router_pb2.CancelRequest(request_id=sub.request_id))
+    assert res.state == router_pb2.REQUEST_STATE_CANCELLED
+    for _ in range(100):
+        if engine.stats().running == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.stats().running == 0 and engine.stats().kv_used_tokens == 0
+    messages, ids = await collect(stack.router(1).Watch(
+        router_pb2.WatchRequest(request_id=sub.request_id)))
+    assert messages[-1].finished.reason == router_pb2.FINISH_REASON_CANCELLED
+    info = await stack.router().GetRequest(router_pb2.GetRequestRequest(request_id=sub.request_id))
+    assert info.state == router_pb2.REQUEST_STATE_CANCELLED and info.output_tokens == len(ids)
+    assert info.expires_in_s > 0
+    # cancelling again is not an error
+    res = await stack.router().Cancel(router_pb2.CancelRequest(request_id=sub.request_id))
+    assert res.state == router_pb2.REQUEST_STATE_CANCELLED
+
+
+async def test_cancel_queued_request_leaves_its_queue(stack):
+    # `large` has no worker in this stack... give it one that is busy: stop w1 first
+    await stack.stop_worker("w1")
+    sub = await stack.router().Submit(gen("queued", 8, model="large"))
+    assert (await stack.store.queue_depth())["interactive"] == 1
+    res = await stack.router().Cancel(router_pb2.CancelRequest(request_id=sub.request_id))
+    assert res.state == router_pb2.REQUEST_STATE_CANCELLED
+    assert (await stack.store.queue_depth())["interactive"] == 0
+    groups = await stack.store.groups()
+    assert all(int(g["queued"]) == 0 for g in groups)
+
+
+async def test_client_disconnect_and_deadline_cancel_the_request(stack):
+    call = stack.router().Generate(gen("bye", 2000))
+    first = await call.read()
+    await call.read()  # a first token: it runs
+    call.cancel()
+    info = await wait_state(stack, first.request_id, router_pb2.REQUEST_STATE_CANCELLED)
+    assert info.state == router_pb2.REQUEST_STATE_CANCELLED
+
+    call = stack.router().Generate(gen("deadline", 2000), timeout=0.5)
+    first = await call.read()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        while await call.read() != grpc.aio.EOF:
+            pass
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    info = await wait_state(stack, first.request_id, router_pb2.REQUEST_STATE_CANCELLED)
+    assert info.state == router_pb2.REQUEST_STATE_CANCELLED
+
+
+@pytest.mark.parametrize("request_kwargs, code, fragment", [
+    ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+    ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model"),
+    ({"slo_class": "gold"}, grpc.StatusCode.NOT_FOUND, "unknown slo_class"),
+    ({"max_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    ({"max_tokens": 100000}, grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+    ({"prompt": "x" * 5_000_000}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+])
+async def test_bad_requests_get_clear_statuses(stack, request_kwargs, code, fragment):
+    request = gen(**request_kwargs)
+    if "max_tokens" in request_kwargs:
+        request.max_tokens = request_kwargs["max_tokens"]
+    for call in (stack.router().Generate(request),):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await collect(call)
+        assert e.value.code() == code
+        assert fragment in e.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stack.router().Submit(request)
+    assert e.value.code() == code
+    # nothing was queued and the router still serves
+    assert sum((await stack.store.queue_depth()).values()) == 0
+    _, ids = await collect(stack.router().Generate(gen(max_tokens=3)))
+    assert len(ids) == 3
+
+
+async def test_full_class_queue_is_resource_exhausted(redis_server, tmp_path):
+    path = write_config(tmp_path, workers=[], slo_classes={
+        "interactive": {"ttft_deadline_ms": 1000, "max_queued": 2},
+        "batch": {"ttft_deadline_ms": 60000, "max_queued": 5}})
+    stack = await InProcessStack(redis_server.url, path).start()
+    try:
+        for _ in range(2):
+            await stack.router().Submit(gen())
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stack.router().Submit(gen())
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "interactive queue is full" in e.value.details()
+        # other classes are unaffected
+        assert (await stack.router().Submit(gen(slo_class="batch"))).created
+    finally:
+        await stack.stop()
+
+
+async def test_list_models_counts_live_workers(stack):
+    res = await stack.router().ListModels(router_pb2.ListModelsRequest())
+    workers = {m.name: m.workers for m in res.models}
+    assert workers == {"small": 1, "large": 1}
+    assert {c.name for c in res.slo_classes} == {"interactive", "batch"}
+    assert [c.name for c in res.slo_classes if c.is_default] == ["interactive"]
+
+
+async def test_health_by_service_name_and_overall(stack):
+    targets = [(stack.routers[0][1], "qlm.v1.Router"), (stack.planners[0][1], "qlm.v1.Planner"),
+               (stack.workers["w0"][1], "qlm.v1.Worker")]
+    for server, name in targets:
+        stub = health_pb2_grpc.HealthStub(stack.channel(stack.address(server)))
+        for service in ("", name):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Check(health_pb2.HealthCheckRequest(service="qlm.v1.Nope"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_planner_places_groups_and_standby_refuses_to_plan(redis_server, tmp_path):
+    path = write_config(tmp_path, workers=[{"id": "w0", **SMALL}, {"id": "w1", **SMALL}],
+                        planner={"interval_ms": 100})
+    stack = await InProcessStack(redis_server.url, path, planners=2).start()
+    try:
+        await asyncio.sleep(0.3)
+        leaders = [loop for loop, _ in stack.planners if loop.leader]
+        assert len(leaders) == 1
+        standby = next(i for i, (loop, _) in enumerate(stack.planners) if not loop.leader)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stack.planner(standby).Replan(planner_pb2.ReplanRequest())
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # stop the leader: the standby takes over with a higher epoch
+        leader_i = 1 - standby
+        old_epoch = stack.planners[leader_i][0].epoch
+        await stack.planners[leader_i][0].stop()
+        await stack.store.client.delete(stack.store.key("leader"))  # as if its lock expired
+        for _ in range(50):
+            if stack.planners[standby][0].leader:
+                break
+            await asyncio.sleep(0.05)
+        assert stack.planners[standby][0].epoch > old_epoch
+        plan = await stack.planner(standby).Replan(planner_pb2.ReplanRequest())
+        assert plan.leader and plan.epoch == stack.planners[standby][0].epoch
+        assert {q.worker_id for q in plan.queues} == {"w0", "w1"}
+        # the deposed leader cannot install a plan any more
+        assert await stack.planners[leader_i][0].plan_once() is None
+    finally:
+        await stack.stop()
+
+
+async def test_many_concurrent_streams_all_complete_exactly_once(stack):
+    async def one(i):
+        messages, ids = await collect(stack.router(i % 2).Generate(gen(f"p{i}", 5 + i % 7)))
+        assert_dense(messages)
+        return len(ids) == 5 + i % 7 and messages[-1].finished.reason == 1
+
+    results = await asyncio.gather(*(one(i) for i in range(120)))
+    assert all(results)
+    assert sum((await stack.store.queue_depth()).values()) == 0
