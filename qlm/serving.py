@@ -73,6 +73,22 @@ async def run_until_signal(stop: asyncio.Event | None = None) -> None:
     await stop.wait()
 
 
+def run(main) -> None:
+    """Runs a service's main coroutine, on uvloop when it is installed (QLM_EVENT_LOOP=asyncio
+    keeps the standard loop)."""
+    import os
+
+    if os.environ.get("QLM_EVENT_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            uvloop = None
+        if uvloop is not None:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def setup_logging(service: str) -> None:
     logging.basicConfig(
         level=logging.INFO,

@@ -56,10 +56,11 @@ def write_config(tmp_path: pathlib.Path, *, workers: list[dict], **overrides) ->
 
 class InProcessStack:
     def __init__(self, redis_url: str, config_path: pathlib.Path, routers: int = 1,
-                 planners: int = 1):
+                 planners: int = 1, workers: bool = True, prefix: str | None = None):
         self.redis_url = redis_url
         self.config = qlm_config.load(config_path)
-        self.prefix = f"s{uuid.uuid4().hex[:8]}:"
+        self.prefix = prefix or f"s{uuid.uuid4().hex[:8]}:"
+        self.start_workers = workers
         self.n_routers = routers
         self.n_planners = planners
         self.stores: list[QueueStore] = []
@@ -75,7 +76,7 @@ class InProcessStack:
         return s
 
     async def start(self) -> InProcessStack:
-        for w in self.config.workers:
+        for w in self.config.workers if self.start_workers else ():
             await self.start_worker(w.id)
         for _ in range(self.n_planners):
             loop = PlannerLoop(self.config, self._store())

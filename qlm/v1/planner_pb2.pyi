@@ -1,10 +1,8 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -22,7 +20,7 @@ class VirtualQueue(_message.Message):
     GROUP_IDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     group_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: str | None = ..., group_ids: _Iterable[str] | None = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., group_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Plan(_message.Message):
     __slots__ = ("epoch", "sequence", "policy", "queues", "created_ms", "compute_ms", "leader")
@@ -40,4 +38,4 @@ class Plan(_message.Message):
     created_ms: float
     compute_ms: float
     leader: bool
-    def __init__(self, epoch: int | None = ..., sequence: int | None = ..., policy: str | None = ..., queues: _Iterable[VirtualQueue | _Mapping] | None = ..., created_ms: float | None = ..., compute_ms: float | None = ..., leader: bool | None = ...) -> None: ...
+    def __init__(self, epoch: _Optional[int] = ..., sequence: _Optional[int] = ..., policy: _Optional[str] = ..., queues: _Optional[_Iterable[_Union[VirtualQueue, _Mapping]]] = ..., created_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., leader: _Optional[bool] = ...) -> None: ...

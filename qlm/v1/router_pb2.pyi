@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -49,7 +47,7 @@ class SamplingParams(_message.Message):
     top_p: float
     seed: int
     ignore_eos: bool
-    def __init__(self, max_tokens: int | None = ..., temperature: float | None = ..., top_p: float | None = ..., seed: int | None = ..., ignore_eos: bool | None = ...) -> None: ...
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "prompt", "prompt_token_ids", "max_tokens", "sampling", "slo_class", "ttft_deadline_ms", "request_id")
@@ -69,7 +67,7 @@ class GenerateRequest(_message.Message):
     slo_class: str
     ttft_deadline_ms: int
     request_id: str
-    def __init__(self, model: str | None = ..., prompt: str | None = ..., prompt_token_ids: _Iterable[int] | None = ..., max_tokens: int | None = ..., sampling: SamplingParams | _Mapping | None = ..., slo_class: str | None = ..., ttft_deadline_ms: int | None = ..., request_id: str | None = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., slo_class: _Optional[str] = ..., ttft_deadline_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "output_tokens", "queue_wait_ms", "ttft_ms", "e2e_ms")
@@ -83,7 +81,7 @@ class Usage(_message.Message):
     queue_wait_ms: float
     ttft_ms: float
     e2e_ms: float
-    def __init__(self, prompt_tokens: int | None = ..., output_tokens: int | None = ..., queue_wait_ms: float | None = ..., ttft_ms: float | None = ..., e2e_ms: float | None = ...) -> None: ...
+    def __init__(self, prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., queue_wait_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("reason", "usage", "error", "slo_met")
@@ -95,7 +93,7 @@ class Finished(_message.Message):
     usage: Usage
     error: str
     slo_met: bool
-    def __init__(self, reason: FinishReason | str | None = ..., usage: Usage | _Mapping | None = ..., error: str | None = ..., slo_met: bool | None = ...) -> None: ...
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[str] = ..., slo_met: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "index", "token_ids", "text", "finished")
@@ -109,7 +107,7 @@ class GenerateResponse(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finished: Finished
-    def __init__(self, request_id: str | None = ..., index: int | None = ..., token_ids: _Iterable[int] | None = ..., text: str | None = ..., finished: Finished | _Mapping | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("request_id", "created")
@@ -117,7 +115,7 @@ class SubmitResponse(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     created: bool
-    def __init__(self, request_id: str | None = ..., created: bool | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("request_id", "from_index")
@@ -125,25 +123,25 @@ class WatchRequest(_message.Message):
     FROM_INDEX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     from_index: int
-    def __init__(self, request_id: str | None = ..., from_index: int | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., from_index: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: str | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class CancelResponse(_message.Message):
     __slots__ = ("state",)
     STATE_FIELD_NUMBER: _ClassVar[int]
     state: RequestState
-    def __init__(self, state: RequestState | str | None = ...) -> None: ...
+    def __init__(self, state: _Optional[_Union[RequestState, str]] = ...) -> None: ...
 
 class GetRequestRequest(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: str | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class RequestInfo(_message.Message):
     __slots__ = ("request_id", "model", "slo_class", "state", "group_id", "worker_id", "prompt_tokens", "output_tokens", "max_tokens", "ttft_deadline_ms", "finish_reason", "usage", "requeues", "expires_in_s")
@@ -175,7 +173,7 @@ class RequestInfo(_message.Message):
     usage: Usage
     requeues: int
     expires_in_s: int
-    def __init__(self, request_id: str | None = ..., model: str | None = ..., slo_class: str | None = ..., state: RequestState | str | None = ..., group_id: str | None = ..., worker_id: str | None = ..., prompt_tokens: int | None = ..., output_tokens: int | None = ..., max_tokens: int | None = ..., ttft_deadline_ms: int | None = ..., finish_reason: FinishReason | str | None = ..., usage: Usage | _Mapping | None = ..., requeues: int | None = ..., expires_in_s: int | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., slo_class: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., group_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., ttft_deadline_ms: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., requeues: _Optional[int] = ..., expires_in_s: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -191,7 +189,7 @@ class ModelInfo(_message.Message):
     max_model_len: int
     max_tokens: int
     workers: int
-    def __init__(self, name: str | None = ..., max_model_len: int | None = ..., max_tokens: int | None = ..., workers: int | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_tokens: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class SloClass(_message.Message):
     __slots__ = ("name", "ttft_deadline_ms", "max_queued", "is_default")
@@ -203,7 +201,7 @@ class SloClass(_message.Message):
     ttft_deadline_ms: int
     max_queued: int
     is_default: bool
-    def __init__(self, name: str | None = ..., ttft_deadline_ms: int | None = ..., max_queued: int | None = ..., is_default: bool | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., ttft_deadline_ms: _Optional[int] = ..., max_queued: _Optional[int] = ..., is_default: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "slo_classes")
@@ -211,4 +209,4 @@ class ListModelsResponse(_message.Message):
     SLO_CLASSES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     slo_classes: _containers.RepeatedCompositeFieldContainer[SloClass]
-    def __init__(self, models: _Iterable[ModelInfo | _Mapping] | None = ..., slo_classes: _Iterable[SloClass | _Mapping] | None = ...) -> None: ...
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., slo_classes: _Optional[_Iterable[_Union[SloClass, _Mapping]]] = ...) -> None: ...

@@ -1,10 +1,8 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -12,19 +10,19 @@ class EvictAction(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: str | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class SwapModelAction(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: str | None = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class WarmModelAction(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: str | None = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class Action(_message.Message):
     __slots__ = ("evict", "swap_model", "warm_model")
@@ -34,7 +32,7 @@ class Action(_message.Message):
     evict: EvictAction
     swap_model: SwapModelAction
     warm_model: WarmModelAction
-    def __init__(self, evict: EvictAction | _Mapping | None = ..., swap_model: SwapModelAction | _Mapping | None = ..., warm_model: WarmModelAction | _Mapping | None = ...) -> None: ...
+    def __init__(self, evict: _Optional[_Union[EvictAction, _Mapping]] = ..., swap_model: _Optional[_Union[SwapModelAction, _Mapping]] = ..., warm_model: _Optional[_Union[WarmModelAction, _Mapping]] = ...) -> None: ...
 
 class ActionPlan(_message.Message):
     __slots__ = ("epoch", "sequence", "worker_id", "actions")
@@ -46,7 +44,7 @@ class ActionPlan(_message.Message):
     sequence: int
     worker_id: str
     actions: _containers.RepeatedCompositeFieldContainer[Action]
-    def __init__(self, epoch: int | None = ..., sequence: int | None = ..., worker_id: str | None = ..., actions: _Iterable[Action | _Mapping] | None = ...) -> None: ...
+    def __init__(self, epoch: _Optional[int] = ..., sequence: _Optional[int] = ..., worker_id: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ...) -> None: ...
 
 class ApplyPlanResponse(_message.Message):
     __slots__ = ("applied", "detail")
@@ -54,7 +52,7 @@ class ApplyPlanResponse(_message.Message):
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     applied: bool
     detail: str
-    def __init__(self, applied: bool | None = ..., detail: str | None = ...) -> None: ...
+    def __init__(self, applied: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
@@ -82,4 +80,4 @@ class WorkerStatus(_message.Message):
     plan_epoch: int
     plan_sequence: int
     completed: int
-    def __init__(self, worker_id: str | None = ..., models: _Iterable[str] | None = ..., engine: str | None = ..., running: int | None = ..., max_running: int | None = ..., kv_used_tokens: int | None = ..., kv_capacity_tokens: int | None = ..., plan_epoch: int | None = ..., plan_sequence: int | None = ..., completed: int | None = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., running: _Optional[int] = ..., max_running: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., plan_epoch: _Optional[int] = ..., plan_sequence: _Optional[int] = ..., completed: _Optional[int] = ...) -> None: ...

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from qlm import config as qlm_config
-from qlm.serving import GrpcServer, host_port, run_until_signal, setup_logging
+from qlm.serving import GrpcServer, host_port, run, run_until_signal, setup_logging
 from qlm.state.store import QueueStore
 from qlm.v1 import planner_pb2_grpc
 
@@ -46,7 +45,7 @@ def main() -> None:
     parser.add_argument("--policy", default=None, help="override planner.policy (fcfs, edf)")
     args = parser.parse_args()
     setup_logging("planner")
-    asyncio.run(serve(args))
+    run(serve(args))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from qlm.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger("qlm.planner")
 
 # After the first event, wait this long for more so a burst costs one plan, not hundreds.
-DEBOUNCE_S = 0.005
+DEBOUNCE_S = 0.02
 
 
 async def take_snapshot(store: QueueStore) -> Snapshot:

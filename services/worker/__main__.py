@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import logging
 
 from qlm import config as qlm_config
 from qlm.engines import create_engine
-from qlm.serving import GrpcServer, host_port, run_until_signal, setup_logging
+from qlm.serving import GrpcServer, host_port, run, run_until_signal, setup_logging
 from qlm.state.store import QueueStore
 from qlm.v1 import worker_pb2_grpc
 
@@ -53,7 +52,7 @@ def main() -> None:
     parser.add_argument("--redis-url", default=None, help="override QLM_REDIS_URL / redis.url")
     args = parser.parse_args()
     setup_logging(f"worker[{args.worker_id}]")
-    asyncio.run(serve(args))
+    run(serve(args))
 
 
 if __name__ == "__main__":

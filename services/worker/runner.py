@@ -43,6 +43,9 @@ class WorkerRunner:
         self._tasks: list[asyncio.Task] = []
         self._pubsub = None
         self._stopping = False
+        # True while the last claim filled the engine: more work may be waiting, so a finished
+        # request should trigger a claim (otherwise new work announces itself on `wake:MODEL`)
+        self._backlog = False
 
     @property
     def id(self) -> str:
@@ -138,7 +141,8 @@ class WorkerRunner:
                 self.running[c.request_id] = asyncio.create_task(
                     self._serve(c), name=f"serve-{c.request_id}")
             total += len(claimed)
-            if len(claimed) < room:
+            self._backlog = len(claimed) == room
+            if not self._backlog:
                 break
         return total
 
@@ -195,4 +199,5 @@ class WorkerRunner:
             log.exception("%s: serving %s failed: %s", self.id, rid, e)
         finally:
             self.running.pop(rid, None)
-            self._wake.set()
+            if self._backlog:
+                self._wake.set()
