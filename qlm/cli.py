@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--routers", type=int, default=1,
+                   help="router processes sharing the mesh's load (they are stateless)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_bench_mesh)
 

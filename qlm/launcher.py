@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import config as qlm_config
+from .procutil import die_with_parent
 from .redis_server import EmbeddedRedis
 
 START_TIMEOUT_S = 60.0
@@ -65,7 +66,8 @@ class Stack:
             print(f"redis: {self.redis.url} (embedded)", flush=True)
         commands = service_commands(self.cfg)
         for name, argv, _ in commands:
-            self.procs.append((name, subprocess.Popen(argv, env=env)))
+            self.procs.append(
+                (name, subprocess.Popen(argv, env=env, preexec_fn=die_with_parent)))
         deadline = time.monotonic() + START_TIMEOUT_S
         waiting = {name: address for name, _, address in commands}
         while waiting:
@@ -99,7 +101,11 @@ class Stack:
 
 
 def up(config_path: str | None) -> int:
-    cfg = qlm_config.load(config_path)
+    try:
+        cfg = qlm_config.load(config_path)
+    except qlm_config.ConfigError as e:
+        print(f"qlm up: {e}", file=sys.stderr, flush=True)
+        return 2
     stack = Stack(cfg)
     stopping = []
 

@@ -12,6 +12,8 @@ import time
 
 import redis
 
+from .procutil import die_with_parent
+
 
 def server_binary() -> str:
     found = shutil.which("redis-server")
@@ -47,7 +49,7 @@ class EmbeddedRedis:
             [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self._dir.name,
              "--protected-mode", "yes", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)

@@ -40,7 +40,8 @@ def test_committed_stubs_match_protos(tmp_path):
     stale = [name for name in sorted(generated)
              if generated[name].read_bytes() != committed[name].read_bytes()]
     assert not stale, (
-        f"qlm/v1/ stubs are out of date with protos/qlm/v1/*.proto: {stale}; {REGENERATE}\n"
+        f"qlm/v1/ stubs are out of date with protos/qlm/v1/*.proto: {stale}; {REGENERATE} "
+        "(they must be protoc's exact output: keep formatters and `ruff --fix` off them)\n"
         + _diff(committed[stale[0]], generated[stale[0]])
     )
 

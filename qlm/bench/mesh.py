@@ -469,7 +469,7 @@ def main(args) -> int:
     profile = os.environ.get("QLM_BENCH_PROFILE")
     try:
         report = run(args.requests, args.concurrency, args.max_tokens, args.workers,
-                     routers=getattr(args, "routers", 1),
+                     routers=args.routers,
                      profile=profile and os.path.abspath(profile))
     except RuntimeError as e:
         print(f"qlm bench mesh: {e}", file=sys.stderr)
