@@ -12,7 +12,7 @@ import time
 
 import redis
 
-from .procutil import die_with_parent
+from .procutil import die_with_parent, stop_process
 
 
 def server_binary() -> str:
@@ -71,13 +71,8 @@ class EmbeddedRedis:
             client.close()
 
     def stop(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc:
+            stop_process(self._proc, 5)
         self._dir.cleanup()
 
     def __enter__(self) -> EmbeddedRedis:

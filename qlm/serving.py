@@ -3,6 +3,7 @@ reflection, and a clean stop on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
@@ -87,6 +88,16 @@ def run(main) -> None:
             uvloop.run(main)
             return
     asyncio.run(main)
+
+
+def service_parser(module: str, doc: str, listen_of: str) -> argparse.ArgumentParser:
+    """The command line every service shares; `listen_of` names the config key --listen
+    overrides."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc)
+    parser.add_argument("--config", default=None, help="stack config (default deploy/local.yaml)")
+    parser.add_argument("--listen", default=None, help=f"override the config's {listen_of}")
+    parser.add_argument("--redis-url", default=None, help="override QLM_REDIS_URL / redis.url")
+    return parser
 
 
 def setup_logging(service: str) -> None:

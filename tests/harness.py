@@ -18,6 +18,7 @@ import yaml
 
 from qlm import config as qlm_config
 from qlm.engines import create_engine
+from qlm.procutil import stop_process
 from qlm.redis_server import free_port
 from qlm.serving import GrpcServer
 from qlm.state.store import QueueStore
@@ -178,10 +179,4 @@ class ServiceProcess:
         self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)

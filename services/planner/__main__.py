@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from qlm import config as qlm_config
-from qlm.serving import GrpcServer, host_port, run, run_until_signal, setup_logging
+from qlm.serving import (
+    GrpcServer,
+    host_port,
+    run,
+    run_until_signal,
+    service_parser,
+    setup_logging,
+)
 from qlm.state.store import QueueStore
 from qlm.v1 import planner_pb2_grpc
 
@@ -38,10 +44,7 @@ async def serve(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m services.planner", description=__doc__)
-    parser.add_argument("--config", default=None, help="stack config (default deploy/local.yaml)")
-    parser.add_argument("--listen", default=None, help="override the config's planner.listen")
-    parser.add_argument("--redis-url", default=None, help="override QLM_REDIS_URL / redis.url")
+    parser = service_parser("services.planner", __doc__, "planner.listen")
     parser.add_argument("--policy", default=None, help="override planner.policy (fcfs, edf)")
     args = parser.parse_args()
     setup_logging("planner")

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 
 from qlm import config as qlm_config
 from qlm.engines import create_engine
-from qlm.serving import GrpcServer, host_port, run, run_until_signal, setup_logging
+from qlm.serving import (
+    GrpcServer,
+    host_port,
+    run,
+    run_until_signal,
+    service_parser,
+    setup_logging,
+)
 from qlm.state.store import QueueStore
 from qlm.v1 import worker_pb2_grpc
 
@@ -45,11 +51,8 @@ async def serve(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m services.worker", description=__doc__)
-    parser.add_argument("--config", default=None, help="stack config (default deploy/local.yaml)")
+    parser = service_parser("services.worker", __doc__, "worker's listen address")
     parser.add_argument("--worker-id", required=True)
-    parser.add_argument("--listen", default=None, help="override the config's listen address")
-    parser.add_argument("--redis-url", default=None, help="override QLM_REDIS_URL / redis.url")
     args = parser.parse_args()
     setup_logging(f"worker[{args.worker_id}]")
     run(serve(args))
