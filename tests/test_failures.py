@@ -118,3 +118,30 @@ async def test_router_killed_mid_stream_client_resumes_on_another(private_redis,
     finally:
         doomed.stop()
         await stack.stop()
+
+
+async def test_lost_redis_is_unavailable_not_a_crash(tmp_path):
+    server = EmbeddedRedis().start()
+    path, _ = two_workers(tmp_path, time_scale=0.05)
+    stack = await InProcessStack(server.url, path, prefix="qlm:").start()
+    try:
+        _, ids = await collect(stack.router().Generate(gen("before", 4)))
+        assert len(ids) == 4
+        server.stop()
+        router = stack.router()
+        calls = {
+            "Generate": lambda: collect(router.Generate(gen("during", 4))),
+            "Submit": lambda: router.Submit(gen("during", 4)),
+            "GetRequest": lambda: router.GetRequest(router_pb2.GetRequestRequest(request_id="x")),
+            "Cancel": lambda: router.Cancel(router_pb2.CancelRequest(request_id="x")),
+            "ListModels": lambda: router.ListModels(router_pb2.ListModelsRequest()),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async with asyncio.timeout(20):
+                    await call()
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, name
+            assert "queue state unavailable" in e.value.details(), name
+    finally:
+        await stack.stop()
+        server.stop()

@@ -270,3 +270,26 @@ async def test_many_concurrent_streams_all_complete_exactly_once(stack):
     results = await asyncio.gather(*(one(i) for i in range(120)))
     assert all(results)
     assert sum((await stack.store.queue_depth()).values()) == 0
+
+
+async def test_worker_pulls_only_what_its_engine_has_room_for(redis_server, tmp_path):
+    profile = tmp_path / "two-slots.yaml"
+    profile.write_text((PROFILES / "sim-small.yaml").read_text().replace(
+        "max_running: 64", "max_running: 2"))
+    path = write_config(tmp_path, workers=[{"id": "w0", **SMALL, "profile": str(profile),
+                                            "time_scale": 0.2}])
+    stack = await InProcessStack(redis_server.url, path, workers=False).start()
+    try:
+        # a backlog first, then the worker: its first pull meets six waiting requests
+        subs = [await stack.router().Submit(gen(f"p{i}", 50)) for i in range(6)]
+        runner = await stack.start_worker("w0")
+        for _ in range(10):
+            await runner.pull()  # as many extra pulls as a burst of wake-ups would cause
+            stats = runner.engine.stats()
+            assert stats.running + stats.waiting <= 2
+            assert len(runner.running) <= 2
+        assert (await stack.store.queue_depth())["interactive"] == 4  # the rest wait in Redis
+        for s in subs:
+            await stack.router().Cancel(router_pb2.CancelRequest(request_id=s.request_id))
+    finally:
+        await stack.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 
@@ -26,6 +27,19 @@ STATES = {
     "cancelled": router_pb2.REQUEST_STATE_CANCELLED,
     "failed": router_pb2.REQUEST_STATE_FAILED,
 }
+
+
+def unavailable_without_redis(method):
+    """Turns a lost Redis into UNAVAILABLE (retryable) for a unary RPC, not UNKNOWN."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except redis.exceptions.RedisError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"queue state unavailable: {e}")
+
+    return wrapper
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -102,12 +116,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         except Exception as e:  # nothing to tell a client that is gone
             log.warning("cancel of %s after disconnect failed: %s", request_id, e)
 
+    @unavailable_without_redis
     async def Submit(self, request, context):
         admitted = await self._validate(request, context)
-        try:
-            created = await self._enqueue(admitted, context, watch=False)
-        except redis.exceptions.RedisError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"queue state unavailable: {e}")
+        created = await self._enqueue(admitted, context, watch=False)
         return router_pb2.SubmitResponse(request_id=admitted.request_id, created=created)
 
     async def Watch(self, request, context):
@@ -136,6 +148,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         finally:
             self.relay.close(request.request_id, queue)
 
+    @unavailable_without_redis
     async def Cancel(self, request, context):
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
@@ -144,6 +157,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r}")
         return router_pb2.CancelResponse(state=STATES[after])
 
+    @unavailable_without_redis
     async def GetRequest(self, request, context):
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
@@ -173,6 +187,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             expires_in_s=0 if live else await self.store.request_ttl(request.request_id),
         )
 
+    @unavailable_without_redis
     async def ListModels(self, request, context):
         workers = await self.store.alive_workers()
         count = {name: 0 for name in self.config.models}

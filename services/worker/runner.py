@@ -46,6 +46,9 @@ class WorkerRunner:
         # True while the last claim filled the engine: more work may be waiting, so a finished
         # request should trigger a claim (otherwise new work announces itself on `wake:MODEL`)
         self._backlog = False
+        # Claimed requests not yet handed to the engine: engines count a request only once
+        # its generate() is first iterated, so without this a pull would claim twice.
+        self._starting = 0
 
     @property
     def id(self) -> str:
@@ -134,9 +137,10 @@ class WorkerRunner:
     async def pull(self) -> int:
         """Claims as many requests as the engine has room for; returns how many."""
         total = 0
-        while (room := self.engine.free_slots()) > 0:
+        while (room := self.engine.free_slots() - self._starting) > 0:
             claimed = await self.store.claim(
                 self.id, room, self.config.lease_ms, self.engine.models())
+            self._starting += len(claimed)
             for c in claimed:
                 self.running[c.request_id] = asyncio.create_task(
                     self._serve(c), name=f"serve-{c.request_id}")
@@ -160,6 +164,7 @@ class WorkerRunner:
     async def _serve(self, claimed: ClaimedRequest) -> None:
         rid = claimed.request_id
         index = 0
+        starting = True
         try:
             context, index = await self._context(claimed)
             request = engine_request(claimed, context, index)
@@ -168,6 +173,9 @@ class WorkerRunner:
                                         index)
                 return
             outputs = self.engine.generate(request)
+            # the engine counts it from its first iteration on, which begins right here
+            self._starting -= 1
+            starting = False
             async for out in outputs:
                 if out.finished and out.finish_reason in ("length", "stop", "error"):
                     status, detail = await self.store.finish(
@@ -198,6 +206,8 @@ class WorkerRunner:
             # leave the lease to expire: the request goes back to its group and runs elsewhere
             log.exception("%s: serving %s failed: %s", self.id, rid, e)
         finally:
+            if starting:
+                self._starting -= 1
             self.running.pop(rid, None)
             if self._backlog:
                 self._wake.set()
