@@ -34,8 +34,8 @@ class QueueStore:
     """Typed access to the queue state. Every multi-key change is one Lua script."""
 
     SCRIPT_NAMES = (
-        "enqueue", "claim", "heartbeat", "expire", "append", "finish", "cancel", "leader",
-        "install_plan",
+        "enqueue", "claim", "heartbeat", "expire", "append", "finish", "cancel", "evict",
+        "leader", "install_plan",
     )
 
     def __init__(self, client: aioredis.Redis, prefix: str = "qlm:"):
@@ -138,6 +138,11 @@ class QueueStore:
             "finish", request_id, worker, reason, error, retention_s, first,
             " ".join(map(str, token_ids)), text,
         )
+        return status, detail
+
+    async def evict(self, request_id: str, worker: str) -> tuple[str, str]:
+        """Returns a request the worker runs to the head of its group now."""
+        status, detail = await self._run("evict", request_id, worker)
         return status, detail
 
     async def generated_tokens(self, request_id: str) -> list[int]:

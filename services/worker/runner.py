@@ -38,6 +38,7 @@ class WorkerRunner:
         self.store = store
         self.poll_s = poll_s
         self.running: dict[str, asyncio.Task] = {}
+        self._model_of: dict[str, str] = {}  # running request id -> its model
         self.completed = 0
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -49,6 +50,8 @@ class WorkerRunner:
         # Claimed requests not yet handed to the engine: engines count a request only once
         # its generate() is first iterated, so without this a pull would claim twice.
         self._starting = 0
+        # held by a model swap, so no request of a model being unloaded is claimed meanwhile
+        self._swap_lock = asyncio.Lock()
 
     @property
     def id(self) -> str:
@@ -65,8 +68,13 @@ class WorkerRunner:
         ]
 
     async def _subscribe(self) -> None:
-        channels = [self.store.key("wake", m) for m in self.engine.models()]
-        await self._pubsub.subscribe(self.store.key("ctl", self.id), *channels)
+        """Listens to its control channel and the wake-ups of the models it serves now."""
+        wanted = {self.store.key("ctl", self.id)} | {
+            self.store.key("wake", m) for m in self.engine.models()}
+        stale = set(self._pubsub.channels) - wanted
+        await self._pubsub.subscribe(*wanted)
+        if stale:
+            await self._pubsub.unsubscribe(*stale)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -87,6 +95,7 @@ class WorkerRunner:
                         await self.engine.abort(data[6:])
                     else:
                         self._wake.set()  # new work, or a new plan
+                await asyncio.sleep(0.05)  # listen() returns while nothing is subscribed
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -134,14 +143,50 @@ class WorkerRunner:
                 log.warning("%s: pull failed: %s", self.id, e)
                 await asyncio.sleep(self.poll_s)
 
+    async def swap_model(self, model: str) -> None:
+        """Serves `model` instead of the current models: requests of the others are evicted
+        back to their groups (their output so far is kept), then the engine swaps."""
+        if model not in self.config.models:
+            raise EngineError(f"model {model!r} is not in the stack config")
+        async with self._swap_lock:
+            for rid, m in list(self._model_of.items()):
+                if m != model:
+                    await self.evict(rid)
+            for m in self.engine.models():
+                if m != model:
+                    await self.engine.unload_model(m)
+            if model not in self.engine.models():
+                await self.engine.load_model(model)
+        await self.models_changed()
+
+    async def models_changed(self) -> None:
+        """Announces the engine's models: registration, and the wake-ups listened to."""
+        await self._heartbeat()
+        await self._subscribe()
+        self._wake.set()
+
+    async def evict(self, request_id: str) -> bool:
+        """Pre-empts a running request and hands it back to its group; False if it is not
+        running here."""
+        if request_id not in self.running:
+            return False
+        await self.engine.evict(request_id)  # its serve task ends quietly on "abort"
+        status, _ = await self.store.evict(request_id, self.id)
+        return status == "ok"
+
     async def pull(self) -> int:
         """Claims as many requests as the engine has room for; returns how many."""
+        async with self._swap_lock:
+            return await self._pull()
+
+    async def _pull(self) -> int:
         total = 0
         while (room := self.engine.free_slots() - self._starting) > 0:
             claimed = await self.store.claim(
                 self.id, room, self.config.lease_ms, self.engine.models())
             self._starting += len(claimed)
             for c in claimed:
+                self._model_of[c.request_id] = c.fields["model"]
                 self.running[c.request_id] = asyncio.create_task(
                     self._serve(c), name=f"serve-{c.request_id}")
             total += len(claimed)
@@ -209,5 +254,6 @@ class WorkerRunner:
             if starting:
                 self._starting -= 1
             self.running.pop(rid, None)
+            self._model_of.pop(rid, None)
             if self._backlog:
                 self._wake.set()

@@ -32,9 +32,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             kind = action.WhichOneof("action")
             try:
                 if kind == "evict":
-                    await engine.evict(action.evict.request_id)
+                    if not await self.runner.evict(action.evict.request_id):
+                        failures.append(f"evict: {action.evict.request_id} is not running here")
                 elif kind == "swap_model":
-                    await engine.load_model(action.swap_model.model)
+                    await self.runner.swap_model(action.swap_model.model)
                 elif kind == "warm_model":
                     await engine.warm_model(action.warm_model.model)
             except EngineError as e:
