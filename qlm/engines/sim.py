@@ -69,6 +69,13 @@ class SimProfile:
         if self.eos_probability > 1:
             raise ConfigError(f"eos_probability must be at most 1, got {self.eos_probability!r}")
 
+    def step_ms(self, prefill_tokens: int, batch: int) -> float:
+        """One continuous-batching step: prefill of the newly admitted prompts plus one decode
+        token for each of the `batch` running sequences. The real-time sim engine and the
+        discrete-event simulator both charge this."""
+        return (self.prefill_ms_per_token * prefill_tokens + self.decode_step_ms
+                + self.decode_ms_per_seq * batch)
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> SimProfile:
         try:
@@ -319,12 +326,8 @@ class SimEngine(Engine):
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                p = self.profile
-                step_ms = (
-                    p.prefill_ms_per_token * sum(len(s.request.prompt_token_ids) for s in admitted)
-                    + p.decode_step_ms
-                    + p.decode_ms_per_seq * len(self._running)
-                )
+                step_ms = self.profile.step_ms(
+                    sum(len(s.request.prompt_token_ids) for s in admitted), len(self._running))
                 self.steps += 1
                 self.sim_time_ms += step_ms
                 await self._sleep(step_ms)
