@@ -1,0 +1,358 @@
+"""Discrete-event simulator: a fleet serving a scenario's requests under a scheduling policy,
+in virtual time, so an hour of trace runs in seconds.
+
+It runs the planner's own policy functions (qlm.core.policies, Snapshot -> Plan) and the sim
+engine's cost model (SimProfile.step_ms), and mirrors the live queue semantics of
+qlm/state/scripts: a request joins the newest open group of its kind until the group holds
+`max_group_size`; new groups wait in a pending pool until a plan places them in a virtual
+queue; an instance pulls from the head of its virtual queue only when it has room, else from
+the pending groups of the model it has loaded, earliest deadline first. A plan is asked for on
+arrivals (after a debounce) and on a cadence, and is installed only after the policy's real
+compute time has passed in virtual time, so a slow planner costs what it would cost live.
+
+An instance runs one model at a time; when the head of its queue (or, with nothing queued, the
+most urgent pending group it can serve) needs another model, it drains what it runs and swaps,
+paying the profile's load time (warm_load_ms if that model was warmed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from qlm.core.groups import group_kind
+from qlm.core.plan import GroupView, Plan, Snapshot, WorkerView
+from qlm.engines.sim import SimProfile
+from qlm.sim.scenarios import InstanceSpec, SimRequest
+
+Policy = Callable[[Snapshot], Plan]
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    spec: SimRequest
+    generated: int = 0
+    start_s: float | None = None
+    first_token_s: float | None = None
+    finish_s: float | None = None
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.spec.input_length + self.spec.output_length
+
+
+@dataclasses.dataclass(eq=False)
+class _Group:
+    id: str
+    sequence: int
+    model: str
+    slo_class: str
+    kind: str
+    deadline_s: float
+    queue: deque = dataclasses.field(default_factory=deque)
+    joined: int = 0
+    vq: str = ""  # the instance whose virtual queue holds it; "" while pending
+
+
+@dataclasses.dataclass(eq=False)
+class _Instance:
+    spec: InstanceSpec
+    profiles: dict[str, SimProfile]
+    model: str
+    vq: list[str] = dataclasses.field(default_factory=list)
+    running: list[_Request] = dataclasses.field(default_factory=list)
+    kv_used: int = 0
+    busy: bool = False
+    warm: set[str] = dataclasses.field(default_factory=set)
+    swaps: int = 0
+
+    @property
+    def profile(self) -> SimProfile:
+        return self.profiles[self.model]
+
+    def room(self) -> int:
+        return self.profile.max_running - len(self.running)
+
+
+@dataclasses.dataclass
+class SimResult:
+    requests: list[_Request]
+    makespan_s: float
+    model_swaps: int
+    planner_ms: list[float]
+    plans: int
+
+
+class Simulation:
+    def __init__(
+        self,
+        requests: Sequence[SimRequest],
+        fleet: Sequence[tuple[InstanceSpec, dict[str, SimProfile]]],
+        policy: Policy,
+        *,
+        max_group_size: int = 32,
+        plan_interval_s: float = 0.25,
+        plan_debounce_s: float = 0.02,
+        charge_planner: bool = True,
+        fold_steps: bool = True,
+    ):
+        self.requests = [_Request(r) for r in sorted(requests, key=lambda r: r.arrival_s)]
+        self.instances = {
+            spec.name: _Instance(spec, dict(profiles), model=spec.models[0])
+            for spec, profiles in fleet
+        }
+        self.policy = policy
+        self.max_group_size = max_group_size
+        self.plan_interval_s = plan_interval_s
+        self.plan_debounce_s = plan_debounce_s
+        self.charge_planner = charge_planner
+        # Folding runs several decode steps as one event when nothing can change the batch
+        # meanwhile; off, every step is an event (slow, used to check the folding).
+        self.fold_steps = fold_steps
+
+        self.now = 0.0
+        self._events: list = []
+        self._order = itertools.count()
+        self._groups: dict[str, _Group] = {}
+        self._open: dict[str, str] = {}
+        self._pending: dict[str, set[str]] = {}  # model -> pending group ids
+        self._group_seq = itertools.count(1)
+        self._next_arrival = 0
+        self._plan_asked = False
+        self._installs: list[float] = []  # times of plans computed but not yet installed
+        self._done = 0
+        self.planner_ms: list[float] = []
+
+    # --- event loop ------------------------------------------------------------------------
+
+    def _at(self, t: float, kind: str, arg=None) -> None:
+        heapq.heappush(self._events, (t, next(self._order), kind, arg))
+
+    def run(self) -> SimResult:
+        if self.requests:
+            self._at(self.requests[0].spec.arrival_s, "arrive")
+            self._at(self.requests[0].spec.arrival_s + self.plan_interval_s, "tick")
+        handlers = {"arrive": self._on_arrive, "tick": self._on_tick, "plan": self._on_plan,
+                    "install": self._on_install, "step": self._on_step, "swap": self._on_swap}
+        while self._events and self._done < len(self.requests):
+            self.now, _, kind, arg = heapq.heappop(self._events)
+            handlers[kind](arg)
+        return SimResult(
+            requests=self.requests,
+            makespan_s=self.now,
+            model_swaps=sum(i.swaps for i in self.instances.values()),
+            planner_ms=self.planner_ms,
+            plans=len(self.planner_ms),
+        )
+
+    def _next_outside_event_s(self) -> float:
+        """When the queue can next gain work: an arrival or a plan being installed."""
+        t = math.inf
+        if self._next_arrival < len(self.requests):
+            t = self.requests[self._next_arrival].spec.arrival_s
+        if self._installs:
+            t = min(t, min(self._installs))
+        return t
+
+    # --- arrivals and groups (enqueue.lua) --------------------------------------------------
+
+    def _on_arrive(self, _) -> None:
+        # all requests arriving at this instant
+        while (self._next_arrival < len(self.requests)
+               and self.requests[self._next_arrival].spec.arrival_s <= self.now):
+            self._enqueue(self.requests[self._next_arrival])
+            self._next_arrival += 1
+        if self._next_arrival < len(self.requests):
+            self._at(self.requests[self._next_arrival].spec.arrival_s, "arrive")
+        if not self._plan_asked:
+            self._plan_asked = True
+            self._at(self.now + self.plan_debounce_s, "plan")
+        self._kick_all()
+
+    def _enqueue(self, req: _Request) -> None:
+        s = req.spec
+        kind = group_kind(s.model, s.slo_class, s.input_length)
+        g = self._groups.get(self._open.get(kind, ""))
+        if g is None or g.joined >= self.max_group_size:
+            seq = next(self._group_seq)
+            g = _Group(f"g{seq}", seq, s.model, s.slo_class, kind, s.deadline_s)
+            self._groups[g.id] = g
+            self._open[kind] = g.id
+            self._pending.setdefault(g.model, set()).add(g.id)
+        g.deadline_s = min(g.deadline_s, s.deadline_s)
+        g.queue.append(req)
+        g.joined += 1
+
+    def _drop_group(self, g: _Group) -> None:
+        del self._groups[g.id]
+        if self._open.get(g.kind) == g.id:
+            del self._open[g.kind]
+        if g.vq:
+            self.instances[g.vq].vq.remove(g.id)
+        else:
+            self._pending[g.model].discard(g.id)
+
+    # --- the planner (planner service + install_plan.lua) ----------------------------------
+
+    def _on_tick(self, _) -> None:
+        if not self._plan_asked:
+            self._plan_asked = True
+            self._at(self.now, "plan")
+        self._at(self.now + self.plan_interval_s, "tick")
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            now_ms=int(self.now * 1000),
+            groups=tuple(
+                GroupView(id=g.id, model=g.model, slo_class=g.slo_class,
+                          deadline_ms=int(g.deadline_s * 1000), sequence=g.sequence,
+                          queued=len(g.queue), worker=g.vq)
+                for g in self._groups.values() if g.queue
+            ),
+            workers=tuple(
+                WorkerView(id=i.spec.name, models=i.spec.models,
+                           max_running=i.profile.max_running, running=len(i.running))
+                for i in self.instances.values()
+            ),
+        )
+
+    def _on_plan(self, _) -> None:
+        self._plan_asked = False
+        snapshot = self.snapshot()
+        started = time.perf_counter()
+        plan = self.policy(snapshot)
+        compute_s = time.perf_counter() - started
+        self.planner_ms.append(compute_s * 1000)
+        ready = self.now + (compute_s if self.charge_planner else 0.0)
+        self._installs.append(ready)
+        self._at(ready, "install", (ready, plan))
+
+    def _on_install(self, arg) -> None:
+        ready, plan = arg
+        self._installs.remove(ready)
+        placed: set[str] = set()
+        for name, gids in plan.queues.items():
+            inst = self.instances[name]
+            dropped = set(inst.vq)
+            inst.vq = []
+            for gid in gids:
+                g = self._groups.get(gid)
+                if g is None or gid in placed:
+                    continue  # finished meanwhile, or listed twice
+                if g.vq and g.vq != name:
+                    self.instances[g.vq].vq.remove(gid)
+                elif not g.vq:
+                    self._pending[g.model].discard(gid)
+                g.vq = name
+                inst.vq.append(gid)
+                placed.add(gid)
+            for gid in dropped - placed:
+                g = self._groups.get(gid)
+                if g is not None and g.vq == name:
+                    g.vq = ""
+                    self._pending[g.model].add(gid)
+        self._kick_all()
+
+    # --- instances (worker + engine) --------------------------------------------------------
+
+    def _kick_all(self) -> None:
+        for inst in self.instances.values():
+            if not inst.busy:
+                self._begin_step(inst)
+
+    def _next_group(self, inst: _Instance) -> _Group | None:
+        """The group the instance should serve next, whatever its model (claim.lua's order)."""
+        if inst.vq:
+            return self._groups[inst.vq[0]]
+        pending = self._pending.get(inst.model)
+        if pending:
+            return self._groups[min(pending, key=lambda gid: self._groups[gid].deadline_s)]
+        # nothing for the loaded model: the most urgent pending work it could swap to
+        others = [self._groups[gid] for m in inst.spec.models if m != inst.model
+                  for gid in self._pending.get(m, ())]
+        return min(others, key=lambda g: g.deadline_s, default=None)
+
+    def _pull(self, inst: _Instance) -> tuple[int, str | None]:
+        """Moves queued requests of the loaded model into the batch while there is room;
+        returns the prompt tokens admitted and the model to swap to, if the next work needs
+        another one."""
+        prefill = 0
+        while inst.room() > 0:
+            g = self._next_group(inst)
+            if g is None:
+                return prefill, None
+            if g.model != inst.model:
+                return prefill, g.model
+            req = g.queue[0]
+            if inst.kv_used + req.kv_tokens > inst.profile.kv_capacity_tokens and inst.running:
+                return prefill, None  # wait for KV to free up
+            g.queue.popleft()
+            if not g.queue:
+                self._drop_group(g)
+            req.start_s = self.now
+            inst.running.append(req)
+            inst.kv_used += req.kv_tokens
+            prefill += req.spec.input_length
+        return prefill, None
+
+    def _begin_step(self, inst: _Instance) -> None:
+        prefill, swap_to = self._pull(inst)
+        if not inst.running:
+            if swap_to is not None:
+                self._begin_swap(inst, swap_to)
+            return
+        p = inst.profile
+        batch = len(inst.running)
+        first_s = p.step_ms(prefill, batch) / 1000
+        for req in inst.running:
+            if req.first_token_s is None:
+                req.first_token_s = self.now + first_s
+        extra = 0
+        if self.fold_steps:
+            # later steps add one token each at a constant cost while the batch stays the same:
+            # until the first request finishes, and, if the instance could still take work,
+            # until new work can appear
+            left = min(r.spec.output_length - r.generated for r in inst.running) - 1
+            decode_s = p.step_ms(0, batch) / 1000
+            if inst.room() > 0:
+                horizon = self._next_outside_event_s() - (self.now + first_s)
+                if horizon < math.inf:
+                    left = min(left, max(0, math.floor(horizon / decode_s)) if decode_s else 0)
+            extra = max(0, left)
+            first_s += extra * decode_s
+        inst.busy = True
+        self._at(self.now + first_s, "step", (inst, 1 + extra))
+
+    def _on_step(self, arg) -> None:
+        inst, tokens = arg
+        inst.busy = False
+        still = []
+        for req in inst.running:
+            req.generated += tokens
+            if req.generated >= req.spec.output_length:
+                req.generated = req.spec.output_length
+                req.finish_s = self.now
+                inst.kv_used -= req.kv_tokens
+                self._done += 1
+            else:
+                still.append(req)
+        inst.running = still
+        self._begin_step(inst)
+
+    def _begin_swap(self, inst: _Instance, model: str) -> None:
+        p = inst.profiles[model]
+        ms = p.warm_load_ms if model in inst.warm else p.load_ms
+        inst.busy = True
+        inst.swaps += 1
+        self._at(self.now + ms / 1000, "swap", (inst, model))
+
+    def _on_swap(self, arg) -> None:
+        inst, model = arg
+        inst.busy = False
+        inst.model = model
+        self._begin_step(inst)

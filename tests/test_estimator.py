@@ -1,0 +1,360 @@
+"""Request waiting time estimator: length statistics, instance throughput, waits, coverage."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from qlm.core.estimator import (
+    Calibration,
+    InstanceThroughput,
+    OutputLengthStats,
+    QueuedGroup,
+    WaitEstimate,
+    WaitingTimeEstimator,
+)
+
+Z95 = NormalDist().inv_cdf(0.95)
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:  # the fields of SimProfile the estimator reads
+    max_running: int = 1
+    prefill_ms_per_token: float = 0.0
+    decode_step_ms: float = 20.0
+    decode_ms_per_seq: float = 0.0
+    kv_capacity_tokens: int = 1 << 30
+
+
+def estimator(stats=None, profile=None, **kw) -> WaitingTimeEstimator:
+    return WaitingTimeEstimator(
+        stats or OutputLengthStats(), InstanceThroughput(profile or Profile()), **kw
+    )
+
+
+def lognormal(rng, n):  # median 100 tokens, sigma 1.5: mean ~310, 99th percentile ~3300
+    return np.exp(np.log(100.0) + 1.5 * rng.standard_normal(n))
+
+
+def pareto(rng, n):  # tail index 1.5: infinite variance before the max_tokens cap
+    return 30.0 * (1.0 + rng.pareto(1.5, n))
+
+
+# --- output lengths --------------------------------------------------------------------------
+
+
+def test_prior_is_used_before_any_observation():
+    s = OutputLengthStats(prior_mean=300, prior_std=150, prior_weight=10)
+    assert s.count("m", "chat") == 0
+    assert s.mean("m", "chat") == pytest.approx(300)
+    assert s.variance("m", "chat") == pytest.approx(150**2)
+    # The prior is log-normal: its median is below its mean.
+    assert s.quantile("m", "chat", 0.5) < 300 < s.quantile("m", "chat", 0.9)
+    s.observe("m", "other", 5)  # another class does not move it
+    assert s.mean("m", "chat") == pytest.approx(300)
+
+
+def test_mean_and_variance_converge_to_the_observed_distribution():
+    rng = np.random.default_rng(1)
+    s = OutputLengthStats(prior_mean=600, prior_std=100, prior_weight=20, window=8192)
+    xs = rng.normal(300, 50, 8000).round().astype(int)
+    errors = []
+    for n in (10, 100, 1000, 8000):
+        for x in xs[s.count("m", "c") : n]:
+            s.observe("m", "c", int(x))
+        errors.append((abs(s.mean("m", "c") - 300), abs(math.sqrt(s.variance("m", "c")) - 50)))
+    assert s.count("m", "c") == 8000
+    assert errors == sorted(errors, reverse=True)  # the prior's pull fades as data comes in
+    assert errors[-1][0] < 2 and errors[-1][1] < 3
+    assert s.quantile("m", "c", 0.95) == pytest.approx(300 + Z95 * 50, abs=4)
+
+
+def test_window_follows_drift():
+    s = OutputLengthStats(prior_weight=0, window=100)
+    for _ in range(100):
+        s.observe("m", "c", 1000)
+    for _ in range(100):
+        s.observe("m", "c", 10)
+    assert s.mean("m", "c") == 10
+
+
+def test_max_tokens_truncates_the_expected_output():
+    rng = np.random.default_rng(2)
+    samples = lognormal(rng, 1000).astype(int)
+    s = OutputLengthStats(prior_weight=0)
+    for x in samples:
+        s.observe("m", "c", int(x))
+    full, capped = s.mean("m", "c"), s.mean("m", "c", cap=200)
+    assert capped < full
+    assert capped == pytest.approx(np.minimum(samples, 200).mean())
+    assert s.variance("m", "c", cap=200) == pytest.approx(np.minimum(samples, 200).var())
+    assert s.quantile("m", "c", 0.99, cap=200) == 200
+
+
+def test_prior_truncation_matches_monte_carlo():
+    s = OutputLengthStats(prior_mean=300, prior_std=600, prior_weight=10)
+    mu, sigma = math.log(300) - math.log1p(4) / 2, math.sqrt(math.log1p(4))
+    draws = np.minimum(np.exp(mu + sigma * np.random.default_rng(3).standard_normal(400_000)), 500)
+    assert s.mean("m", "c", cap=500) == pytest.approx(draws.mean(), rel=0.01)
+    assert s.variance("m", "c", cap=500) == pytest.approx(draws.var(), rel=0.02)
+
+
+def test_remaining_tokens_of_a_running_request():
+    rng = np.random.default_rng(4)
+    s = OutputLengthStats(prior_weight=0)
+    for x in lognormal(rng, 2000):
+        s.observe("m", "c", int(x))
+    fresh = s.moments("m", "c")[0]
+    # Heavy tail: the longer a request has run, the longer it is expected to keep running.
+    assert s.moments("m", "c", generated=500)[0] > fresh
+    # ... but never past its cap.
+    left, var = s.moments("m", "c", cap=600, generated=500)
+    assert 0 < left <= 100 and var > 0
+    assert s.moments("m", "c", cap=600, generated=600) == (0.0, 0.0)
+    assert 0 < s.quantile("m", "c", 0.9, cap=600, generated=500) <= 100
+
+
+def test_standard_error_shrinks_with_data_and_grows_with_a_wrong_prior():
+    rng = np.random.default_rng(5)
+    xs = rng.normal(300, 50, 2000).astype(int)
+    few, many = OutputLengthStats(prior_mean=300), OutputLengthStats(prior_mean=300)
+    wrong = OutputLengthStats(prior_mean=3000, prior_weight=20)
+    for x in xs[:50]:
+        few.observe("m", "c", int(x))
+        wrong.observe("m", "c", int(x))
+    for x in xs:
+        many.observe("m", "c", int(x))
+    assert many.standard_error("m", "c") < few.standard_error("m", "c")
+    assert wrong.standard_error("m", "c") > 3 * few.standard_error("m", "c")
+
+
+# --- instance throughput ---------------------------------------------------------------------
+
+
+def test_throughput_prior_comes_from_the_profile():
+    tp = InstanceThroughput(
+        Profile(max_running=32, decode_step_ms=30, decode_ms_per_seq=0.5, prefill_ms_per_token=0.4)
+    )
+    assert tp.step_s("w", "m", 32) == pytest.approx(0.046)
+    assert tp.decode_rate("w", "m") == pytest.approx(32 / 0.046)
+    assert tp.prefill_s_per_token("w", "m") == pytest.approx(0.0004)
+
+
+def test_throughput_learns_a_faster_instance_online():
+    tp = InstanceThroughput(
+        Profile(max_running=8, decode_step_ms=20, decode_ms_per_seq=1.0), alpha=0.2
+    )
+    base = tp.decode_rate("fast", "m")
+    for _ in range(60):  # steps measured at half the profiled 28 ms with 8 running
+        tp.observe("fast", "m", output_tokens=100, decode_s=100 * 0.014, batch=8)
+    assert tp.speed("fast", "m") == pytest.approx(2.0, rel=0.01)
+    assert tp.decode_rate("fast", "m") == pytest.approx(2 * base, rel=0.01)
+    assert tp.speed("slow", "m") == 1.0  # per instance
+
+
+def test_kv_capacity_limits_the_batch():
+    tp = InstanceThroughput(Profile(max_running=64, kv_capacity_tokens=32768))
+    assert tp.batch("w", "m") == 64
+    assert tp.batch("w", "m", tokens_per_seq=2048) == 16
+
+
+def test_unknown_instance_without_default_profile_is_an_error():
+    with pytest.raises(KeyError):
+        InstanceThroughput().step_s("w", "m", 1)
+
+
+# --- waiting times ---------------------------------------------------------------------------
+
+
+def queue(*sizes, model="m", cls="c", cap=None, prompt=0):
+    return [QueuedGroup(model, cls, q, prompt * q, None if cap is None else cap * q) for q in sizes]
+
+
+def test_later_groups_wait_longer():
+    waits = estimator().estimate("w", queue(2, 3, 1, 4), running=[("c", 10, None)])
+    means = [e.mean for e in waits]
+    assert means == sorted(means) and len(set(means)) == 4
+    assert [e.quantile(Z95) for e in waits] == sorted(e.quantile(Z95) for e in waits)
+
+
+def test_first_group_on_an_idle_instance_starts_at_once():
+    (first,) = estimator().estimate("w", queue(3))
+    assert first.mean == 0 and first.p_meets(0.0) == 1.0
+
+
+def test_wait_is_the_sum_of_the_service_times_ahead():
+    s = OutputLengthStats(prior_mean=250, prior_std=100, prior_weight=10)
+    waits = estimator(s, Profile(decode_step_ms=20, prefill_ms_per_token=1)).estimate(
+        "w", queue(2, 3, 1, prompt=50)
+    )
+    # group 3 waits for 5 requests: 5 * 250 tokens * 20 ms, plus 5 * 50 prompt tokens * 1 ms
+    assert waits[2].mean == pytest.approx(5 * 250 * 0.02 + 5 * 50 * 0.001)
+    assert waits[2].fixed == pytest.approx(0.25)
+    assert waits[2].std >= math.sqrt(5) * 100 * 0.02
+
+
+def test_the_learned_means_error_is_shared_by_every_request_of_a_key():
+    rng = np.random.default_rng(8)
+    s = OutputLengthStats(prior_weight=0)
+    for x in rng.normal(300, 50, 100):
+        s.observe("m", "c", int(x))
+    waits = estimator(s).estimate("w", queue(100, 1))
+    _, v = s.moments("m", "c")
+    se = s.standard_error("m", "c")
+    assert se == pytest.approx(math.sqrt(v / 100))
+    # 100 requests ahead: 100 independent spreads, but one error of the mean times 100.
+    assert waits[1].std == pytest.approx(math.sqrt(100 * v + (100 * se) ** 2) * 0.02)
+
+
+def test_a_free_slot_means_no_wait_and_a_full_batch_waits_for_one_completion():
+    s = OutputLengthStats(prior_mean=100, prior_std=50)
+    est = estimator(s, Profile(max_running=4, decode_step_ms=10))
+    waits = est.estimate("w", queue(1, 1, 1), running=[("c", 0, None)] * 2)
+    assert [e.mean for e in waits[:2]] == [0.0, 0.0]  # 2 and 3 ahead: a slot is free
+    assert 0 < waits[2].mean < 100 * 0.01  # 4 ahead: the first of 4 to finish, not all of them
+
+
+def test_faster_instance_gets_shorter_waits():
+    tp = InstanceThroughput(Profile())
+    tp.set_profile("fast", "m", Profile(decode_step_ms=10))
+    est = WaitingTimeEstimator(OutputLengthStats(), tp)
+    slow, fast = (est.estimate(w, queue(4, 4, 4))[-1] for w in ("slow", "fast"))
+    assert fast.mean == pytest.approx(slow.mean / 2)
+    assert fast.quantile(Z95) < slow.quantile(Z95)
+
+
+def test_a_model_change_adds_the_swap_time():
+    est = estimator()
+    q = queue(2) + queue(1, model="n") + queue(1, model="n")
+    no_swap = est.estimate("w", q, model="m", swap_s=0.0)
+    swap = est.estimate("w", q, model="m", swap_s=7.5)
+    assert swap[0].mean == no_swap[0].mean
+    assert swap[1].mean == pytest.approx(no_swap[1].mean + 7.5)
+    assert swap[1].fixed == pytest.approx(7.5)
+    assert swap[2].mean == pytest.approx(no_swap[2].mean + 7.5)  # one change, one swap
+    # Loaded with another model: even the head group waits for the swap.
+    assert est.estimate("w", queue(1), model="n", swap_s=7.5)[0].mean == pytest.approx(7.5)
+
+
+def test_a_model_change_waits_for_the_longest_running_request():
+    # 32 running heavy-tailed requests: the drain lasts until the longest is done, far longer
+    # than their average work spread over the batch.
+    rng = np.random.default_rng(6)
+    s = OutputLengthStats(prior_weight=0)
+    for x in lognormal(rng, 1000):
+        s.observe("m", "c", int(x))
+    est = estimator(s, Profile(max_running=32))
+    running = [("c", 0, 4096)] * 32
+    (w,) = est.estimate("w", queue(1, model="n"), model="m", running=running)
+    work = 32 * s.mean("m", "c", cap=4096) * 0.02 / 32
+    assert w.mean > 3 * work
+    assert w.quantile(Z95) <= 4096 * 0.02 * 1.01
+
+
+def test_quantile_and_p_meets_agree():
+    for tail in ("gamma", "normal"):
+        e = WaitEstimate(mean=10.0, std=4.0, fixed=2.0, tail=tail)
+        for z in (-1.0, 0.0, Z95, 3.0):
+            assert e.p_meets(e.quantile(z)) == pytest.approx(NormalDist().cdf(z))
+    n = WaitEstimate(mean=10.0, std=4.0, tail="normal")
+    assert n.quantile(Z95) == pytest.approx(10 + Z95 * 4)
+    assert n.p_meets(14.0) == pytest.approx(NormalDist().cdf(1.0))
+    assert WaitEstimate(3.0, 0.0).p_meets(2.9) == 0.0
+    assert WaitEstimate(3.0, 0.0).p_meets(3.0) == 1.0
+    with pytest.raises(ValueError):
+        estimator(tail="weibull")
+
+
+# --- coverage ----------------------------------------------------------------------------------
+
+
+def mc_coverage(sampler, sizes, *, tail="gamma", seeds=range(16), trials=500, cap=2048):
+    """Coverage of quantile(z95) over Monte Carlo waits on one instance that serves a request at
+    a time, so a group's actual wait is the sum of the sampled service times ahead of it. Each
+    seed learns the lengths afresh from 1024 completions (logged under a larger cap of 8192):
+    the estimate's own sampling error is part of what the coverage has to absorb."""
+    hits = total = 0
+    starts = np.cumsum([0, *sizes[:-1]])[1:]  # the head group's wait is 0 for sure: skip it
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        stats = OutputLengthStats(prior_mean=200, prior_std=200, prior_weight=20)
+        for x in np.minimum(sampler(rng, 1024), 8192).astype(int):
+            stats.observe("m", "c", int(x))
+        waits = estimator(stats, tail=tail).estimate("w", queue(*sizes, cap=cap))[1:]
+        bound = np.array([e.quantile(Z95) for e in waits])
+        lengths = np.minimum(sampler(rng, trials * sum(sizes)).astype(int), cap)
+        done = np.cumsum(lengths.reshape(trials, -1) * 0.02, axis=1)
+        actual = done[:, starts - 1]
+        hits += int((actual <= bound).sum())
+        total += actual.size
+    return hits / total
+
+
+FEW = (1, 1, 1, 1)  # 1-3 heavy-tailed requests ahead: far from the CLT's comfort zone
+MANY = (16,) * 12  # up to 176 requests ahead
+
+
+@pytest.mark.parametrize("sampler", [lognormal, pareto])
+@pytest.mark.parametrize("sizes", [FEW, (1, 2, 3), MANY], ids=["few", "mixed", "many"])
+def test_wait_quantile_coverage_matches_the_confidence_under_heavy_tails(sampler, sizes):
+    assert mc_coverage(sampler, sizes) == pytest.approx(0.95, abs=0.035)
+
+
+def test_batched_instance_coverage_from_a_busy_state():
+    """8 slots, each one token per step; the batch has been busy long enough that its requests
+    are at random ages; a group starts when a slot frees (an FCFS 8-server queue)."""
+    b, trials, step, cap = 8, 200, 0.02, 4096
+    rng = np.random.default_rng(7)
+    stats = OutputLengthStats(prior_weight=1)
+    for x in np.minimum(lognormal(rng, 1024), cap).astype(int):
+        stats.observe("m", "c", int(x))
+    est = estimator(stats, Profile(max_running=b))
+    sizes = (1, 4, 8, 8, 8)
+    q = queue(*sizes, cap=cap)
+    # Warm up: each slot serves requests back to back for 20 mean lengths.
+    lens = np.minimum(lognormal(rng, trials * b * 400), cap).astype(int).reshape(trials, b, 400)
+    ends = np.cumsum(lens, axis=2)
+    horizon = 20 * stats.mean("m", "c")
+    i = (ends <= horizon)[..., :].sum(axis=2)[..., None]
+    end = np.take_along_axis(ends, i, 2)[..., 0]
+    age = horizon - (end - np.take_along_axis(lens, i, 2)[..., 0])
+    free = (end - horizon) * step
+    hits = total = 0
+    rows = np.arange(trials)
+    actual = []
+    for size in sizes:
+        for k in range(size):
+            j = free.argmin(axis=1)
+            start = free[rows, j]
+            if k == 0:
+                actual.append(start.copy())
+            free[rows, j] = start + np.minimum(lognormal(rng, trials), cap).astype(int) * step
+    actual = np.array(actual).T
+    for t in range(trials):
+        waits = est.estimate("w", q, running=[("c", int(a), cap) for a in age[t]])
+        bound = np.array([e.quantile(Z95) for e in waits])
+        hits += int((actual[t] <= bound).sum())
+        total += len(sizes)
+    assert 0.90 <= hits / total <= 0.99
+
+
+# --- calibration -------------------------------------------------------------------------------
+
+
+def test_calibration_reports_coverage_and_bias():
+    cal = Calibration(confidence=0.95)
+    assert cal.z == pytest.approx(Z95) and math.isnan(cal.coverage())
+    e = WaitEstimate(mean=10.0, std=1.0, tail="normal")  # bound 11.645
+    for actual in (5.0, 11.6, 11.7, 20.0):
+        cal.record(e, actual)
+    assert cal.count == 4
+    assert cal.coverage() == 0.5
+    assert cal.bias_s() == pytest.approx((5 + 11.6 + 11.7 + 20) / 4 - 10)
+    strict = Calibration(confidence=0.5)  # bound = mean
+    for actual in (9.0, 10.0, 10.5):
+        strict.record(e, actual)
+    assert strict.coverage() == pytest.approx(2 / 3)

@@ -1,0 +1,102 @@
+"""The discrete-event simulator: exact timings on small cases, step folding that changes
+nothing, policies compared on a head-of-line burst, model swaps, and nothing lost."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qlm.core import policies
+from qlm.engines.sim import SimProfile
+from qlm.sim.scenarios import InstanceSpec, SimRequest
+from qlm.sim.simulator import Simulation
+
+
+def profile(**kw) -> SimProfile:
+    base = dict(max_running=4, kv_capacity_tokens=100_000, prefill_ms_per_token=0.0,
+                decode_step_ms=10.0, decode_ms_per_seq=0.0, load_ms=5000.0, warm_load_ms=500.0)
+    return SimProfile(**{**base, **kw})
+
+
+def req(i, arrival, out, *, model="m", cls="batch", deadline=60.0, prompt=10) -> SimRequest:
+    return SimRequest(id=i, arrival_s=arrival, input_length=prompt, output_length=out,
+                      model=model, slo_class=cls, ttft_deadline_s=deadline)
+
+
+def fleet(n=1, models=("m",), **kw):
+    return [(InstanceSpec(f"i{k}", "a100", tuple(models)), {m: profile(**kw) for m in models})
+            for k in range(n)]
+
+
+def run(requests, policy="fcfs", **kw):
+    sim_kw = {k: kw.pop(k) for k in list(kw) if k in
+              ("fold_steps", "max_group_size", "charge_planner", "plan_interval_s")}
+    return Simulation(requests, fleet(**kw), policies.get(policy), **sim_kw).run()
+
+
+def test_exact_times_on_one_slot():
+    # one slot, 10 ms per step: requests run one after another, first token after one step
+    res = run([req(0, 0.0, 3), req(1, 0.0, 2), req(2, 0.0, 1)], max_running=1)
+    times = [t for r in res.requests for t in (r.start_s, r.first_token_s, r.finish_s)]
+    assert times == pytest.approx([0.0, 0.01, 0.03, 0.03, 0.04, 0.05, 0.05, 0.06, 0.06])
+    assert res.makespan_s == pytest.approx(0.06)
+
+
+def test_prefill_and_batch_cost_follow_the_profile():
+    # 2 in one batch, 100 prompt tokens each: first step 2 * 100 * 0.1 + 10 + 2 * 5 = 40 ms
+    res = run([req(0, 0.0, 2, prompt=100), req(1, 0.0, 2, prompt=100)],
+              prefill_ms_per_token=0.1, decode_ms_per_seq=5.0)
+    assert [r.first_token_s for r in res.requests] == pytest.approx([0.04, 0.04])
+    assert [r.finish_s for r in res.requests] == pytest.approx([0.06, 0.06])  # + 20 ms
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "edf"])
+def test_folding_steps_changes_no_timing(policy):
+    rng = random.Random(7)
+    requests = [req(i, rng.uniform(0, 20), rng.randint(1, 300), prompt=rng.randint(1, 2000),
+                    cls=rng.choice(["interactive", "batch"]),
+                    deadline=rng.choice([2.0, 60.0])) for i in range(300)]
+    kw = dict(n=2, max_running=8, prefill_ms_per_token=0.05, decode_ms_per_seq=0.5,
+              charge_planner=False)
+    folded = run(requests, policy, **kw)
+    stepped = run(requests, policy, fold_steps=False, **kw)
+    for a, b in zip(folded.requests, stepped.requests, strict=True):
+        assert (a.spec.id, a.start_s, a.first_token_s, a.finish_s) == pytest.approx(
+            (b.spec.id, b.start_s, b.first_token_s, b.finish_s))
+
+
+def test_edf_serves_interactive_before_a_batch_burst():
+    burst = [req(i, 0.0, 200, cls="batch", deadline=3600.0) for i in range(40)]
+    interactive = [req(100 + i, 0.5, 20, cls="interactive", deadline=3.0) for i in range(8)]
+
+    def met(res):
+        rs = [r for r in res.requests if r.spec.slo_class == "interactive"]
+        return sum(r.first_token_s - r.spec.arrival_s <= r.spec.ttft_deadline_s for r in rs)
+
+    fcfs = run(burst + interactive, "fcfs", max_running=4, max_group_size=4)
+    edf = run(burst + interactive, "edf", max_running=4, max_group_size=4)
+    assert met(fcfs) == 0  # stuck behind 40 x 2 s of batch work
+    assert met(edf) == 8
+    assert all(r.finish_s is not None for r in edf.requests + fcfs.requests)
+
+
+def test_swaps_to_the_model_of_the_work_and_pays_the_load_time():
+    res = run([req(0, 0.0, 1, model="b")], models=("a", "b"), max_running=1)
+    r = res.requests[0]
+    assert res.model_swaps == 1
+    assert r.start_s == pytest.approx(5.0)  # cold load of "b"
+    assert r.first_token_s == pytest.approx(5.01)
+
+
+def test_nothing_is_lost_across_models_and_instances():
+    rng = random.Random(3)
+    requests = [req(i, rng.uniform(0, 30), rng.randint(1, 100), model=rng.choice("ab"),
+                    deadline=rng.choice([5.0, 60.0])) for i in range(500)]
+    for policy in ("fcfs", "edf"):
+        res = run(requests, policy, n=3, models=("a", "b"), max_running=16, load_ms=2000.0)
+        assert all(r.finish_s is not None and r.generated == r.spec.output_length
+                   for r in res.requests)
+        assert all(r.spec.arrival_s <= r.start_s < r.first_token_s <= r.finish_s
+                   for r in res.requests)
+        assert res.plans > 0 and len(res.planner_ms) == res.plans
