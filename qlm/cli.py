@@ -66,6 +66,12 @@ def cmd_bench_mesh(args) -> int:
     return bench_main(args)
 
 
+def cmd_bench_sim(args) -> int:
+    from .bench.sim import main as bench_main
+
+    return bench_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +111,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="router processes sharing the mesh's load (they are stateless)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_bench_mesh)
+
+    from .bench.sim import PROFILES
+
+    p = bench.add_parser("sim", help="policies side by side on a trace, in the simulator")
+    p.add_argument("--trace", required=True,
+                   help="Azure CSV (TIMESTAMP, ContextTokens, GeneratedTokens) or JSON lines")
+    p.add_argument("--scenario", required=True, help="wa, wb, wc or modern")
+    p.add_argument("--policies", default="fcfs,priority,edf")
+    p.add_argument("--loads", default="0.5,1,2,4", help="multipliers of the arrival rate")
+    p.add_argument("--instances", type=int, default=None, help="fleet size (default: scenario)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profiles", default=str(PROFILES), help="engine profile folder")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.set_defaults(func=cmd_bench_sim)
 
     args = parser.parse_args(argv)
     return args.func(args)

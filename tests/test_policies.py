@@ -128,8 +128,23 @@ def test_get_returns_known_policies():
 
 @pytest.mark.parametrize("name", ["", "qlm", "EDF"])
 def test_get_refuses_unknown_policy(name):
-    with pytest.raises(ValueError, match=r"unknown policy .*known: edf, fcfs"):
+    with pytest.raises(ValueError, match=r"unknown policy .*known: fcfs, priority, edf"):
         policies.get(name)
+
+
+def test_priority_needs_class_deadlines_and_serves_tighter_classes_first():
+    with pytest.raises(ValueError, match="deadlines"):
+        policies.get("priority")
+    plan = policies.get("priority", {"batch": 60_000, "interactive": 2_000})(Snapshot(
+        now_ms=0,
+        groups=(GroupView("g1", "m", "batch", 10, 1, 4), GroupView("g2", "m", "interactive",
+                                                                   99, 2, 4),
+                GroupView("g3", "m", "batch", 5, 3, 4), GroupView("g4", "m", "interactive",
+                                                                  50, 4, 4)),
+        workers=(WorkerView("w0", ("m",), 8),),
+    ))
+    # class first (whatever the deadlines), then arrival order
+    assert plan.queues == {"w0": ["g2", "g4", "g1", "g3"]} and plan.policy == "priority"
 
 
 # --- group kinds ---------------------------------------------------------------------------

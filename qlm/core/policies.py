@@ -1,7 +1,8 @@
 """Scheduling policies: pure functions from a Snapshot of the fleet to a Plan.
 
 `fcfs` is what vLLM does out of the box (first come first served per instance, requests spread
-round-robin); `edf` orders by deadline and balances queued work. The QLM policy (estimator and
+round-robin); `priority` is vLLM's priority scheduling by SLO class; `edf` orders by deadline
+and balances queued work. The QLM policy (estimator and
 plan generator) builds on the same signature.
 """
 
@@ -61,11 +62,37 @@ def edf(snapshot: Snapshot) -> Plan:
     return _place(snapshot, ordered, least_loaded, "edf")
 
 
+def priority(class_deadlines: dict[str, float]) -> Policy:
+    """vLLM's priority scheduling by class: tighter classes first, arrival order within a
+    class, groups dealt to the model's workers in turn (no deadlines, no load estimate)."""
+    rank = {c: i for i, c in enumerate(sorted(class_deadlines, key=class_deadlines.get))}
+
+    def plan(snapshot: Snapshot) -> Plan:
+        turn: dict[str, int] = {}
+
+        def round_robin(g: GroupView, candidates: list[WorkerView]) -> str:
+            i = turn.get(g.model, 0)
+            turn[g.model] = i + 1
+            return candidates[i % len(candidates)].id
+
+        ordered = sorted(snapshot.groups,
+                         key=lambda g: (rank.get(g.slo_class, len(rank)), g.sequence))
+        return _place(snapshot, ordered, round_robin, "priority")
+
+    return plan
+
+
 POLICIES: dict[str, Policy] = {"fcfs": fcfs, "edf": edf}
+NAMES = ("fcfs", "priority", "edf")
 
 
-def get(name: str) -> Policy:
+def get(name: str, class_deadlines: dict[str, float] | None = None) -> Policy:
+    """The policy called `name`; `priority` needs the SLO classes' TTFT deadlines."""
+    if name == "priority":
+        if not class_deadlines:
+            raise ValueError("the priority policy needs the SLO classes' deadlines")
+        return priority(class_deadlines)
     try:
         return POLICIES[name]
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(NAMES)}") from None

@@ -48,7 +48,9 @@ class PlannerLoop:
         self.config = config
         self.store = store
         self.policy_name = policy or config.planner_policy
-        self.policy = policies.get(self.policy_name)
+        self.policy = policies.get(
+            self.policy_name,
+            {c.name: c.ttft_deadline_ms for c in config.slo_classes.values()})
         self.id = planner_id or uuid.uuid4().hex[:12]
         self.epoch = 0
         self.sequence = 0

@@ -1,0 +1,151 @@
+"""`qlm bench sim`: scheduling quality of the policies on a replayed trace, in the
+discrete-event simulator, all policies on the same requests, fleet and seed in one run.
+
+For each load (a multiplier of the trace's arrival rate) and each policy it reports SLO
+attainment (overall and per class), throughput, goodput, TTFT percentiles, model swaps and
+planner time, prints them side by side with ratios to fcfs, and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+
+from qlm.core import policies
+from qlm.engines.sim import SimProfile
+from qlm.sim import get_scenario, load_trace, scale_load
+from qlm.sim.simulator import SimResult, Simulation
+
+PROFILES = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "profiles" / "gpu"
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def slo_met(r) -> bool:
+    s = r.spec
+    if r.first_token_s is None or r.first_token_s - s.arrival_s > s.ttft_deadline_s:
+        return False
+    if s.tpot_deadline_s is not None and s.output_length > 1:
+        tpot = (r.finish_s - r.first_token_s) / (s.output_length - 1)
+        return tpot <= s.tpot_deadline_s
+    return True
+
+
+def summarize(result: SimResult, *, scenario: str, load: float, policy: str) -> dict:
+    reqs = result.requests
+    done = [r for r in reqs if r.finish_s is not None]
+    met = [slo_met(r) for r in reqs]
+    span = max((r.finish_s for r in done), default=0.0) - min(
+        (r.spec.arrival_s for r in reqs), default=0.0)
+    by_class: dict[str, list[bool]] = {}
+    for r, ok in zip(reqs, met, strict=True):
+        by_class.setdefault(r.spec.slo_class, []).append(ok)
+    ttft = [r.first_token_s - r.spec.arrival_s for r in reqs if r.first_token_s is not None]
+    return {
+        "scenario": scenario, "load": load, "policy": policy,
+        "requests": len(reqs), "completed": len(done),
+        "slo_attainment": round(sum(met) / len(reqs), 4) if reqs else 0.0,
+        "slo_attainment_by_class": {c: round(sum(v) / len(v), 4)
+                                    for c, v in sorted(by_class.items())},
+        "throughput_rps": round(len(done) / span, 4) if span else 0.0,
+        "goodput_rps": round(sum(met) / span, 4) if span else 0.0,
+        "ttft_p50_s": round(percentile(ttft, 0.50), 3),
+        "ttft_p99_s": round(percentile(ttft, 0.99), 3),
+        "model_swaps": result.model_swaps,
+        "evictions": 0,
+        "planner_ms_p99": round(percentile(result.planner_ms, 0.99), 3),
+        "plans": result.plans,
+        "estimator_coverage": None,
+    }
+
+
+def load_profiles(instances, directory: pathlib.Path) -> list:
+    fleet = []
+    for inst in instances:
+        profiles = {}
+        for model, name in inst.profiles.items():
+            path = directory / f"{name}.yaml"
+            if not path.exists():
+                raise SystemExit(f"qlm bench sim: no engine profile {path} for {inst.gpu} "
+                                 f"serving {model}")
+            profiles[model] = SimProfile.load(path)
+        fleet.append((inst, profiles))
+    return fleet
+
+
+def table(runs: list[dict], policies_: list[str]) -> str:
+    lines = []
+    for load in sorted({r["load"] for r in runs}):
+        rows = {r["policy"]: r for r in runs if r["load"] == load}
+        base = rows.get("fcfs")
+        lines.append(f"\nload {load:g}x")
+        classes = sorted({c for r in rows.values() for c in r["slo_attainment_by_class"]})
+        head = f"{'policy':<10}{'SLO met':>9}{'/fcfs':>7}" + "".join(
+            f"{c[:12]:>13}" for c in classes) + f"{'thr rps':>9}{'good rps':>9}" \
+            f"{'TTFT p50':>10}{'TTFT p99':>10}{'swaps':>7}{'plan p99':>10}"
+        lines.append(head)
+        for p in policies_:
+            r = rows[p]
+            ratio = (f"{r['slo_attainment'] / base['slo_attainment']:.2f}"
+                     if base and base["slo_attainment"] else "-")
+            lines.append(
+                f"{p:<10}{r['slo_attainment']:>9.3f}{ratio:>7}" + "".join(
+                    f"{r['slo_attainment_by_class'].get(c, 0):>13.3f}" for c in classes)
+                + f"{r['throughput_rps']:>9.2f}{r['goodput_rps']:>9.2f}"
+                f"{r['ttft_p50_s']:>10.2f}{r['ttft_p99_s']:>10.2f}{r['model_swaps']:>7}"
+                f"{r['planner_ms_p99']:>9.2f}ms")
+    return "\n".join(lines)
+
+
+def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], *,
+        instances: int | None = None, seed: int = 0, profiles_dir: pathlib.Path = PROFILES,
+        max_group_size: int = 32, progress=True) -> list[dict]:
+    sc = get_scenario(scenario)
+    requests = sc.assign(load_trace(trace), seed)
+    fleet = load_profiles(sc.instances(instances), profiles_dir)
+    deadlines = {c.name: c.ttft_deadline_s for c in sc.slo_classes.values()}
+    runs = []
+    total = len(loads) * len(policy_names)
+    started = time.monotonic()
+    for load in loads:
+        scaled = scale_load(requests, load)
+        for name in policy_names:
+            if progress:
+                done = len(runs)
+                bar = "#" * (20 * done // total)
+                print(f"\r[{bar:<20}] {done}/{total} load {load:g} {name:<8} "
+                      f"{time.monotonic() - started:6.1f}s", end="", file=sys.stderr, flush=True)
+            policy = policies.get(name, deadlines)
+            result = Simulation(scaled, fleet, policy, max_group_size=max_group_size).run()
+            runs.append(summarize(result, scenario=scenario, load=load, policy=name))
+    if progress:
+        print(f"\r[{'#' * 20}] {total}/{total} in {time.monotonic() - started:.1f}s"
+              + " " * 20, file=sys.stderr)
+    return runs
+
+
+def main(args) -> int:
+    policy_names = [p.strip() for p in args.policies.split(",") if p.strip()]
+    loads = [float(x) for x in args.loads.split(",") if x.strip()]
+    for p in policy_names:
+        if p not in policies.NAMES:
+            print(f"qlm bench sim: unknown policy {p!r}; known: {', '.join(policies.NAMES)}",
+                  file=sys.stderr)
+            return 2
+    if not loads or min(loads) <= 0:
+        print("qlm bench sim: --loads must be positive numbers", file=sys.stderr)
+        return 2
+    runs = run(args.trace, args.scenario, policy_names, loads, instances=args.instances,
+               seed=args.seed, profiles_dir=pathlib.Path(args.profiles))
+    print(f"scenario {args.scenario}, trace {args.trace}, seed {args.seed}")
+    print(table(runs, policy_names))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    return 0
