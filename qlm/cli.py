@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", required=True,
                    help="Azure CSV (TIMESTAMP, ContextTokens, GeneratedTokens) or JSON lines")
     p.add_argument("--scenario", required=True, help="wa, wb, wc or modern")
-    p.add_argument("--policies", default="fcfs,priority,edf")
+    p.add_argument("--policies", default="fcfs,priority,edf,qlm,oracle")
     p.add_argument("--loads", default="0.5,1,2,4", help="multipliers of the arrival rate")
     p.add_argument("--instances", type=int, default=None, help="fleet size (default: scenario)")
     p.add_argument("--seed", type=int, default=0)

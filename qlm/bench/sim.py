@@ -14,6 +14,8 @@ import sys
 import time
 
 from qlm.core import policies
+from qlm.core.estimator import InstanceThroughput, OutputLengthStats
+from qlm.core.plan_generator import ExactLengths, PlanGenerator
 from qlm.engines.sim import SimProfile
 from qlm.sim import get_scenario, load_trace, scale_load
 from qlm.sim.simulator import SimResult, Simulation
@@ -38,7 +40,26 @@ def slo_met(r) -> bool:
     return True
 
 
-def summarize(result: SimResult, *, scenario: str, load: float, policy: str) -> dict:
+POLICY_NAMES = (*policies.NAMES, "qlm", "oracle")
+
+
+def make_policy(name: str, fleet, deadlines: dict[str, float]):
+    """A fresh policy for one run: the planner's own ones, or the QLM plan generator (the
+    oracle is the same generator told every output length)."""
+    if name not in ("qlm", "oracle"):
+        return policies.get(name, deadlines)
+    throughput = InstanceThroughput()
+    load_s = {}
+    for inst, profiles in fleet:
+        for model, profile in profiles.items():
+            throughput.set_profile(inst.name, model, profile)
+        load_s[inst.name] = max(p.load_ms for p in profiles.values()) / 1000
+    lengths = ExactLengths() if name == "oracle" else OutputLengthStats()
+    return PlanGenerator(throughput, lengths, swap_s=load_s.__getitem__, name=name)
+
+
+def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
+              coverage: float | None = None) -> dict:
     reqs = result.requests
     done = [r for r in reqs if r.finish_s is not None]
     met = [slo_met(r) for r in reqs]
@@ -62,7 +83,7 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str) -> 
         "evictions": 0,
         "planner_ms_p99": round(percentile(result.planner_ms, 0.99), 3),
         "plans": result.plans,
-        "estimator_coverage": None,
+        "estimator_coverage": None if coverage is None else round(coverage, 4),
     }
 
 
@@ -89,7 +110,7 @@ def table(runs: list[dict], policies_: list[str]) -> str:
         classes = sorted({c for r in rows.values() for c in r["slo_attainment_by_class"]})
         head = f"{'policy':<10}{'SLO met':>9}{'/fcfs':>7}" + "".join(
             f"{c[:12]:>13}" for c in classes) + f"{'thr rps':>9}{'good rps':>9}" \
-            f"{'TTFT p50':>10}{'TTFT p99':>10}{'swaps':>7}{'plan p99':>10}"
+            f"{'TTFT p50':>10}{'TTFT p99':>10}{'swaps':>7}{'plan p99':>10}{'est cov':>9}"
         lines.append(head)
         for p in policies_:
             r = rows[p]
@@ -100,7 +121,9 @@ def table(runs: list[dict], policies_: list[str]) -> str:
                     f"{r['slo_attainment_by_class'].get(c, 0):>13.3f}" for c in classes)
                 + f"{r['throughput_rps']:>9.2f}{r['goodput_rps']:>9.2f}"
                 f"{r['ttft_p50_s']:>10.2f}{r['ttft_p99_s']:>10.2f}{r['model_swaps']:>7}"
-                f"{r['planner_ms_p99']:>9.2f}ms")
+                f"{r['planner_ms_p99']:>8.2f}ms"
+                + (f"{r['estimator_coverage']:>9.3f}" if r["estimator_coverage"] is not None
+                   else f"{'-':>9}"))
     return "\n".join(lines)
 
 
@@ -122,9 +145,12 @@ def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], 
                 bar = "#" * (20 * done // total)
                 print(f"\r[{bar:<20}] {done}/{total} load {load:g} {name:<8} "
                       f"{time.monotonic() - started:6.1f}s", end="", file=sys.stderr, flush=True)
-            policy = policies.get(name, deadlines)
-            result = Simulation(scaled, fleet, policy, max_group_size=max_group_size).run()
-            runs.append(summarize(result, scenario=scenario, load=load, policy=name))
+            policy = make_policy(name, fleet, deadlines)
+            result = Simulation(scaled, fleet, policy, max_group_size=max_group_size,
+                                oracle=name == "oracle").run()
+            calibration = getattr(policy, "calibration", None)
+            runs.append(summarize(result, scenario=scenario, load=load, policy=name,
+                                  coverage=calibration.coverage() if calibration else None))
     if progress:
         print(f"\r[{'#' * 20}] {total}/{total} in {time.monotonic() - started:.1f}s"
               + " " * 20, file=sys.stderr)
@@ -135,8 +161,8 @@ def main(args) -> int:
     policy_names = [p.strip() for p in args.policies.split(",") if p.strip()]
     loads = [float(x) for x in args.loads.split(",") if x.strip()]
     for p in policy_names:
-        if p not in policies.NAMES:
-            print(f"qlm bench sim: unknown policy {p!r}; known: {', '.join(policies.NAMES)}",
+        if p not in POLICY_NAMES:
+            print(f"qlm bench sim: unknown policy {p!r}; known: {', '.join(POLICY_NAMES)}",
                   file=sys.stderr)
             return 2
     if not loads or min(loads) <= 0:

@@ -330,67 +330,107 @@ class WaitingTimeEstimator:
         model: the model loaded now (None: the first group's). running: the batch now, as
         (slo_class, generated_tokens, max_tokens or None) per request. swap_s: the cost of each
         model change along the queue (and before its first group, when `model` differs)."""
-        tp, ls = self.throughput, self.lengths
         loaded = model if model is not None else (queue[0].model if queue else None)
-        swaps = base_mean = base_var = 0.0
-        base_se: dict[Key, float] = {}
-        seg = _Segment(tp.batch(worker, loaded) if loaded is not None else 1)
-        w = 1 / seg.batch
-        for cls, generated, cap in running if loaded is not None else ():
-            step = tp.step_s(worker, loaded, seg.batch)
-            m, v = ls.moments(loaded, cls, cap)
-            lm, lv = ls.moments(loaded, cls, cap, generated)
-            se = ls.standard_error(loaded, cls, cap)
+        waits = self.queue(worker, loaded, running, swap_s)
+        out = []
+        for g in queue:
+            out.append(waits.next_wait(g))
+            waits.append(g)
+        return out
+
+    def queue(self, worker: str, model: str | None, running=(), swap_s: float = 0.0):
+        """An empty virtual queue of `worker` with `model` loaded and `running` in its batch,
+        to be filled one group at a time (QueueWaits): what a plan generator needs to try a
+        group at the end of every queue without re-estimating the whole queue."""
+        return QueueWaits(self, worker, model, running, swap_s)
+
+
+class QueueWaits:
+    """The estimator's state along one virtual queue; `next_wait(g)` is the wait of group g if
+    it came next, `append(g)` puts it there."""
+
+    def __init__(self, est: WaitingTimeEstimator, worker: str, model, running, swap_s: float):
+        self.est, self.worker, self.loaded, self.swap_s = est, worker, model, swap_s
+        tp, ls = est.throughput, est.lengths
+        self.swaps = self.base_mean = self.base_var = 0.0
+        self.base_se: dict[Key, float] = {}
+        self.seg = _Segment(tp.batch(worker, model) if model is not None else 1)
+        self.queued = 0
+        self._drained = None  # the drain of `seg`, computed once per segment
+        w = 1 / self.seg.batch
+        for cls, generated, cap in running if model is not None else ():
+            step = tp.step_s(worker, model, self.seg.batch)
+            m, v = ls.moments(model, cls, cap)
+            lm, lv = ls.moments(model, cls, cap, generated)
+            se = ls.standard_error(model, cls, cap)
             mix = (w * lm + (1 - w) * m) * step, (w * lv + (1 - w) * m * m) * step**2
-            seg.add(
-                (loaded, cls),
+            self.seg.add(
+                (model, cls),
                 1,
                 *mix,
                 se * step,
-                (step, loaded, cls, cap, generated),
+                (step, model, cls, cap, generated),
                 (lm * step, lv * step**2),
             )
-        out = []
-        for g in queue:
-            if g.model != loaded:  # drain everything ahead, then swap
-                d_mean, d_var, d_scale = seg.drain(ls)
-                base_mean, base_var = base_mean + d_mean, base_var + d_var
-                for k, v in seg.se.items():
-                    base_se[k] = base_se.get(k, 0.0) + v * d_scale
-                swaps += swap_s
-                loaded, seg = g.model, _Segment(tp.batch(worker, g.model))
-            f = seg.slot_frac()
-            shared = sum(
-                (base_se.get(k, 0.0) + f * seg.se.get(k, 0.0)) ** 2
-                for k in base_se.keys() | seg.se.keys()
-            )
-            fixed = swaps + (seg.prefill if f else 0.0)
-            out.append(
-                WaitEstimate(
-                    base_mean + fixed + f * seg.mean,
-                    math.sqrt(base_var + f * seg.var / seg.batch + shared),
-                    fixed,
-                    self.tail,
-                )
-            )
-            q = max(g.queued, 0)
-            if q == 0:
-                continue
-            cap = g.max_tokens / q if g.max_tokens else None  # the average cap stands for each
-            m, v = ls.moments(g.model, g.slo_class, cap)
-            b = tp.batch(worker, g.model, g.prompt_tokens / q + (cap or m))
-            seg.batch, step = min(seg.batch, b), tp.step_s(worker, g.model, b)
-            se = ls.standard_error(g.model, g.slo_class, cap)
-            seg.add(
-                (g.model, g.slo_class),
-                q,
-                m * step,
-                v * step**2,
-                se * step,
-                (step, g.model, g.slo_class, cap, 0),
-            )
-            seg.prefill += g.prompt_tokens * tp.prefill_s_per_token(worker, g.model)
-        return out
+
+    def _drain(self):
+        if self._drained is None:
+            self._drained = self.seg.drain(self.est.lengths)
+        return self._drained
+
+    def _after_change(self):
+        """(mean, var, se, swaps) of the base once everything so far has drained and swapped."""
+        d_mean, d_var, d_scale = self._drain()
+        se = dict(self.base_se)
+        for k, v in self.seg.se.items():
+            se[k] = se.get(k, 0.0) + v * d_scale
+        return self.base_mean + d_mean, self.base_var + d_var, se, self.swaps + self.swap_s
+
+    def next_wait(self, g) -> WaitEstimate:
+        if g.model != self.loaded:
+            base_mean, base_var, base_se, swaps = self._after_change()
+            return self._wait(base_mean, base_var, base_se, swaps, _Segment(1), 0.0)
+        return self._wait(self.base_mean, self.base_var, self.base_se, self.swaps, self.seg,
+                          self.seg.slot_frac())
+
+    def _wait(self, base_mean, base_var, base_se, swaps, seg, f) -> WaitEstimate:
+        shared = sum(
+            (base_se.get(k, 0.0) + f * seg.se.get(k, 0.0)) ** 2
+            for k in base_se.keys() | seg.se.keys()
+        )
+        fixed = swaps + (seg.prefill if f else 0.0)
+        return WaitEstimate(
+            base_mean + fixed + f * seg.mean,
+            math.sqrt(base_var + f * seg.var / seg.batch + shared),
+            fixed,
+            self.est.tail,
+        )
+
+    def append(self, g) -> None:
+        tp, ls = self.est.throughput, self.est.lengths
+        if g.model != self.loaded:  # drain everything ahead, then swap
+            self.base_mean, self.base_var, self.base_se, self.swaps = self._after_change()
+            self.loaded, self.seg = g.model, _Segment(tp.batch(self.worker, g.model))
+        self._drained = None
+        q = max(g.queued, 0)
+        if q == 0:
+            return
+        self.queued += q
+        seg, worker = self.seg, self.worker
+        cap = g.max_tokens / q if g.max_tokens else None  # the average cap stands for each
+        m, v = ls.moments(g.model, g.slo_class, cap)
+        b = tp.batch(worker, g.model, g.prompt_tokens / q + (cap or m))
+        seg.batch, step = min(seg.batch, b), tp.step_s(worker, g.model, b)
+        se = ls.standard_error(g.model, g.slo_class, cap)
+        seg.add(
+            (g.model, g.slo_class),
+            q,
+            m * step,
+            v * step**2,
+            se * step,
+            (step, g.model, g.slo_class, cap, 0),
+        )
+        seg.prefill += g.prompt_tokens * tp.prefill_s_per_token(worker, g.model)
 
 
 class Calibration:

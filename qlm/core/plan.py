@@ -18,6 +18,10 @@ class GroupView:
     queued: int
     # The worker whose virtual queue holds it now ("" when pending).
     worker: str = ""
+    # Prompt tokens of its queued requests, summed.
+    prompt_tokens: int = 0
+    # Their max_tokens summed, when known (0: unknown).
+    max_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +30,10 @@ class WorkerView:
     models: tuple[str, ...]
     max_running: int
     running: int = 0
+    # The model loaded now ("" unknown); `models` are those it can serve (maybe after a swap).
+    loaded: str = ""
+    # The batch now: (slo_class, tokens generated, max_tokens or 0 when unknown) per request.
+    running_work: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,10 @@ class _Group:
     queue: deque = dataclasses.field(default_factory=deque)
     joined: int = 0
     vq: str = ""  # the instance whose virtual queue holds it; "" while pending
+    started: bool = False
+    # of the requests queued in it, summed (kept up to date for snapshots)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -100,6 +104,7 @@ class Simulation:
         plan_debounce_s: float = 0.02,
         charge_planner: bool = True,
         fold_steps: bool = True,
+        oracle: bool = False,
     ):
         self.requests = [_Request(r) for r in sorted(requests, key=lambda r: r.arrival_s)]
         self.instances = {
@@ -114,6 +119,11 @@ class Simulation:
         # Folding runs several decode steps as one event when nothing can change the batch
         # meanwhile; off, every step is an event (slow, used to check the folding).
         self.fold_steps = fold_steps
+        # An oracle policy is shown every request's true output length (as its max_tokens);
+        # other policies see max_tokens as unknown, as a planner would for open-ended chats.
+        self.oracle = oracle
+        self._observe = getattr(policy, "observe", None)
+        self._group_started = getattr(policy, "group_started", None)
 
         self.now = 0.0
         self._events: list = []
@@ -187,6 +197,8 @@ class Simulation:
         g.deadline_s = min(g.deadline_s, s.deadline_s)
         g.queue.append(req)
         g.joined += 1
+        g.prompt_tokens += s.input_length
+        g.output_tokens += s.output_length
 
     def _drop_group(self, g: _Group) -> None:
         del self._groups[g.id]
@@ -211,12 +223,18 @@ class Simulation:
             groups=tuple(
                 GroupView(id=g.id, model=g.model, slo_class=g.slo_class,
                           deadline_ms=int(g.deadline_s * 1000), sequence=g.sequence,
-                          queued=len(g.queue), worker=g.vq)
+                          queued=len(g.queue), worker=g.vq, prompt_tokens=g.prompt_tokens,
+                          max_tokens=g.output_tokens if self.oracle else 0)
                 for g in self._groups.values() if g.queue
             ),
             workers=tuple(
                 WorkerView(id=i.spec.name, models=i.spec.models,
-                           max_running=i.profile.max_running, running=len(i.running))
+                           max_running=i.profile.max_running, running=len(i.running),
+                           loaded=i.model,
+                           running_work=tuple(
+                               (r.spec.slo_class, r.generated,
+                                r.spec.output_length if self.oracle else 0)
+                               for r in i.running))
                 for i in self.instances.values()
             ),
         )
@@ -292,6 +310,12 @@ class Simulation:
             if inst.kv_used + req.kv_tokens > inst.profile.kv_capacity_tokens and inst.running:
                 return prefill, None  # wait for KV to free up
             g.queue.popleft()
+            g.prompt_tokens -= req.spec.input_length
+            g.output_tokens -= req.spec.output_length
+            if not g.started:
+                g.started = True
+                if self._group_started:
+                    self._group_started(g.id, self.now)
             if not g.queue:
                 self._drop_group(g)
             req.start_s = self.now
@@ -339,6 +363,8 @@ class Simulation:
                 req.finish_s = self.now
                 inst.kv_used -= req.kv_tokens
                 self._done += 1
+                if self._observe:
+                    self._observe(req.spec.model, req.spec.slo_class, req.spec.output_length)
             else:
                 still.append(req)
         inst.running = still

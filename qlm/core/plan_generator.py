@@ -1,0 +1,132 @@
+"""PlanGenerator: the QLM policy. Orders request groups into virtual queues so that as many as
+possible start before their deadline with the configured confidence (a chance constraint,
+P(wait <= deadline) >= confidence, read through the waiting-time estimator's quantile).
+
+The plan is greedy: groups in deadline order, each appended to the queue of the worker where
+its estimated wait quantile is lowest, preferring (1) a worker where it meets its deadline,
+(2) among those, one that needs no model swap (model affinity), (3) the least loaded. A group
+that can meet its deadline nowhere is set aside and queued after all groups that can, on the
+least loaded worker: under overload EDF serves hopeless groups first and makes the next ones
+late too (the domino effect); QLM serves what can still be saved.
+
+Like every policy it is a function of a Snapshot; it also learns: the planner (or the
+simulator) reports completed requests (observe) and when groups start (group_started), which
+feeds the output-length statistics and the estimator's calibration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from statistics import NormalDist
+
+from .estimator import (
+    Calibration,
+    InstanceThroughput,
+    OutputLengthStats,
+    QueuedGroup,
+    WaitEstimate,
+    WaitingTimeEstimator,
+)
+from .plan import GroupView, Plan, Snapshot
+
+
+class ExactLengths(OutputLengthStats):
+    """What an oracle knows: every request's output length is its max_tokens, exactly."""
+
+    def moments(self, model, slo_class, cap=None, generated=0):
+        if cap is None:
+            return super().moments(model, slo_class, cap, generated)
+        return max(float(cap) - generated, 0.0), 0.0
+
+    def standard_error(self, model, slo_class, cap=None) -> float:
+        return 0.0 if cap is not None else super().standard_error(model, slo_class, cap)
+
+    def quantile(self, model, slo_class, q, cap=None, generated=0) -> float:
+        if cap is None:
+            return super().quantile(model, slo_class, q, cap, generated)
+        return max(float(cap) - generated, 0.0)
+
+
+class PlanGenerator:
+    def __init__(
+        self,
+        throughput: InstanceThroughput,
+        lengths: OutputLengthStats | None = None,
+        *,
+        confidence: float = 0.95,
+        swap_s: Callable[[str], float] = lambda worker: 0.0,
+        name: str = "qlm",
+    ):
+        self.lengths = lengths or OutputLengthStats()
+        self.estimator = WaitingTimeEstimator(self.lengths, throughput)
+        self.z = NormalDist().inv_cdf(confidence)
+        self.swap_s = swap_s
+        self.name = name
+        self.calibration = Calibration(confidence)
+        # the first estimate each group got, and when: checked against its real wait
+        self._first: dict[str, tuple[WaitEstimate, float]] = {}
+
+    # --- learning --------------------------------------------------------------------------
+
+    def observe(self, model: str, slo_class: str, output_tokens: int) -> None:
+        self.lengths.observe(model, slo_class, output_tokens)
+
+    def group_started(self, group_id: str, now_s: float) -> None:
+        first = self._first.pop(group_id, None)
+        if first is not None:
+            estimate, planned_s = first
+            self.calibration.record(estimate, now_s - planned_s)
+
+    # --- planning --------------------------------------------------------------------------
+
+    @staticmethod
+    def _queued(g: GroupView) -> QueuedGroup:
+        return QueuedGroup(g.model, g.slo_class, g.queued, g.prompt_tokens, g.max_tokens or None)
+
+    def __call__(self, snapshot: Snapshot) -> Plan:
+        now_s = snapshot.now_ms / 1000
+        plan = Plan(queues={w.id: [] for w in snapshot.workers}, policy=self.name)
+        waits = {
+            w.id: self.estimator.queue(
+                w.id, w.loaded or None,
+                [(c, g, m or None) for c, g, m in w.running_work], self.swap_s(w.id))
+            for w in snapshot.workers
+        }
+        tail_model = {w.id: w.loaded for w in snapshot.workers}
+        eligible: dict[str, list[str]] = {}
+        for w in sorted(snapshot.workers, key=lambda w: w.id):
+            for m in w.models:
+                eligible.setdefault(m, []).append(w.id)
+
+        late: list[GroupView] = []
+        for g in sorted(snapshot.groups, key=lambda g: (g.deadline_ms, g.sequence)):
+            candidates = eligible.get(g.model)
+            if not candidates:
+                plan.unplaced.append(g.id)
+                continue
+            queued = self._queued(g)
+            budget = g.deadline_ms / 1000 - now_s
+            best, best_key, best_estimate = None, None, None
+            for wid in candidates:
+                estimate = waits[wid].next_wait(queued)
+                q = estimate.quantile(self.z)
+                key = (q > budget, tail_model[wid] != g.model, q)
+                if best_key is None or key < best_key:
+                    best, best_key, best_estimate = wid, key, estimate
+            if best_key[0]:
+                late.append(g)
+                continue
+            self._place(plan, waits, tail_model, best, g, queued, best_estimate, now_s)
+
+        for g in late:  # after everything that can still meet its deadline
+            queued = self._queued(g)
+            options = [(waits[w].next_wait(queued), w) for w in eligible[g.model]]
+            estimate, wid = min(options, key=lambda o: (o[0].quantile(self.z), o[1]))
+            self._place(plan, waits, tail_model, wid, g, queued, estimate, now_s)
+        return plan
+
+    def _place(self, plan, waits, tail_model, wid, g, queued, estimate, now_s) -> None:
+        plan.queues[wid].append(g.id)
+        waits[wid].append(queued)
+        tail_model[wid] = g.model
+        self._first.setdefault(g.id, (estimate, now_s))

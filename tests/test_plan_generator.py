@@ -1,0 +1,80 @@
+"""The QLM plan generator on hand-made snapshots: deadlines it can still meet come first,
+model affinity, load balancing, and what it learns."""
+
+from __future__ import annotations
+
+from qlm.core import policies
+from qlm.core.estimator import InstanceThroughput
+from qlm.core.plan import GroupView, Snapshot, WorkerView
+from qlm.core.plan_generator import ExactLengths, PlanGenerator
+from qlm.engines.sim import SimProfile
+
+PROFILE = SimProfile(max_running=4, kv_capacity_tokens=1_000_000, prefill_ms_per_token=0.0,
+                     decode_step_ms=10.0, decode_ms_per_seq=0.0, load_ms=30_000.0,
+                     warm_load_ms=3_000.0)
+
+
+def generator(workers=("w0",), models=("m",), oracle=True, swap_s=30.0) -> PlanGenerator:
+    tp = InstanceThroughput()
+    for w in workers:
+        for m in models:
+            tp.set_profile(w, m, PROFILE)
+    return PlanGenerator(tp, ExactLengths() if oracle else None, swap_s=lambda w: swap_s)
+
+
+def group(gid, deadline_s, queued=4, tokens=100, model="m", seq=None) -> GroupView:
+    return GroupView(id=gid, model=model, slo_class="c", deadline_ms=int(deadline_s * 1000),
+                     sequence=seq if seq is not None else int(gid[1:]), queued=queued,
+                     max_tokens=queued * tokens)
+
+
+def worker(wid, models=("m",), loaded="m") -> WorkerView:
+    return WorkerView(id=wid, models=models, max_running=4, loaded=loaded)
+
+
+def test_hopeless_groups_go_last_so_the_rest_still_meet_their_deadlines():
+    # the batch is busy for 5 s; g1 (due at 1 s) cannot make it, g2 (due at 6 s) can, but
+    # only if it does not wait behind g1's 10 s of work
+    busy = WorkerView(id="w0", models=("m",), max_running=4, loaded="m",
+                      running_work=(("c", 0, 500),) * 4)
+    snap = Snapshot(now_ms=0, groups=(
+        group("g1", 1.0, queued=4, tokens=1000),
+        group("g2", 6.0, queued=4, tokens=10),
+    ), workers=(busy,))
+    plan = generator()(snap)
+    assert plan.queues["w0"] == ["g2", "g1"]
+    assert policies.edf(snap).queues["w0"] == ["g1", "g2"]  # EDF serves the lost cause first
+
+
+def test_prefers_the_worker_that_needs_no_model_swap():
+    snap = Snapshot(now_ms=0, groups=(group("g1", 600.0, model="a"), group("g2", 600.0,
+                                                                           model="b")),
+                    workers=(worker("w0", ("a", "b"), loaded="b"),
+                             worker("w1", ("a", "b"), loaded="a")))
+    plan = generator(("w0", "w1"), ("a", "b"))(snap)
+    assert plan.queues == {"w0": ["g2"], "w1": ["g1"]}
+
+
+def test_spreads_equal_groups_over_workers():
+    snap = Snapshot(now_ms=0, groups=tuple(group(f"g{i}", 100.0) for i in range(1, 9)),
+                    workers=(worker("w0"), worker("w1")))
+    plan = generator(("w0", "w1"))(snap)
+    assert sorted(map(len, plan.queues.values())) == [4, 4]
+
+
+def test_groups_of_a_model_nobody_serves_stay_unplaced():
+    snap = Snapshot(now_ms=0, groups=(group("g1", 10.0, model="zz"),), workers=(worker("w0"),))
+    plan = generator()(snap)
+    assert plan.unplaced == ["g1"] and plan.queues == {"w0": []}
+
+
+def test_learns_lengths_and_checks_its_estimates():
+    gen = generator(oracle=False)
+    for _ in range(200):
+        gen.observe("m", "c", 50)
+    assert 50 < gen.lengths.mean("m", "c") < 80  # from the prior's 256 most of the way
+    snap = Snapshot(now_ms=1000, groups=(group("g1", 100.0),), workers=(worker("w0"),))
+    gen(snap)
+    gen.group_started("g1", 1.0)
+    gen.group_started("g1", 5.0)  # only the first start counts
+    assert gen.calibration.count == 1 and gen.calibration.coverage() == 1.0
