@@ -72,6 +72,12 @@ def cmd_bench_sim(args) -> int:
     return bench_main(args)
 
 
+def cmd_bench_planner(args) -> int:
+    from .bench.planner import main as bench_main
+
+    return bench_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profiles", default=str(PROFILES), help="engine profile folder")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_bench_sim)
+
+    p = bench.add_parser("planner", help="plan time of the policies on large fleet snapshots")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.set_defaults(func=cmd_bench_planner)
 
     args = parser.parse_args(argv)
     return args.func(args)

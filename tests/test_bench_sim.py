@@ -70,3 +70,20 @@ def test_errors_are_clear(trace, profiles, capsys, tmp_path):
     with pytest.raises(ValueError, match="known"):
         bench_sim.run(str(trace), "nope", ["fcfs"], [1.0], profiles_dir=profiles,
                       progress=False)
+
+
+def test_planner_bench_reports_each_policy_and_size(monkeypatch, tmp_path):
+    from qlm.bench import planner
+
+    monkeypatch.setattr(planner, "SIZES", ((40, 4), (80, 8)))
+    out = tmp_path / "planner.json"
+    assert cli(["bench", "planner", "--repeats", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["groups"], r["instances"], r["policy"]) for r in rows] == [
+        (40, 4, "edf"), (40, 4, "qlm"), (80, 8, "edf"), (80, 8, "qlm")]
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
+    # every group of the snapshot gets a place
+    snap = planner.snapshot(40, 4)
+    plan = planner.qlm_policy(4)(snap)
+    assert sorted(g for q in plan.queues.values() for g in q) == sorted(g.id for g in
+                                                                       snap.groups)

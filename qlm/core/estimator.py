@@ -275,7 +275,9 @@ class _Segment:
         self.batch, self.n, self.prefill = batch, 0, 0.0
         self.mean = self.var = self.left = self.left_var = 0.0  # left: running ones' remainder
         self.se: dict[Key, float] = {}
-        self.members: list[tuple] = []  # (step, model, class, cap, generated) for drain tails
+        # distinct (step, model, class, cap, generated) in it, for drain tails: the longest of
+        # the last k depends only on which kinds of request are there, not on how many
+        self.members: dict[tuple, None] = {}
 
     def add(self, key: Key, count, mean, var, se, member, left=None) -> None:
         self.n += count
@@ -283,7 +285,7 @@ class _Segment:
         lm, lv = left or (mean, var)
         self.left, self.left_var = self.left + count * lm, self.left_var + count * lv
         self.se[key] = self.se.get(key, 0.0) + count * se
-        self.members.append(member)
+        self.members[member] = None
 
     def slot_frac(self) -> float:
         """Share of the work ahead done before a slot frees, per slot (0: one is free)."""

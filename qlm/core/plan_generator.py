@@ -16,6 +16,7 @@ feeds the output-length statistics and the estimator's calibration.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from statistics import NormalDist
 
@@ -47,6 +48,49 @@ class ExactLengths(OutputLengthStats):
         return max(float(cap) - generated, 0.0)
 
 
+class _LeastLoaded:
+    """Workers by a load key, per model they can serve and per model at their queue's tail,
+    with lazy updates: the plan generator tries only the few least loaded workers of each
+    kind for a group instead of all of them (O(log W) per group, not O(W))."""
+
+    def __init__(self, workers, load: Callable[[str], float]):
+        self.load = load
+        self.version = {w.id: 0 for w in workers}
+        self.models = {w.id: w.models for w in workers}
+        self.by_model: dict[str, list] = {}
+        self.by_tail: dict[str, list] = {}
+        self.tail: dict[str, str] = {}
+        for w in workers:
+            self.update(w.id, w.loaded)
+
+    def update(self, wid: str, tail_model: str) -> None:
+        self.version[wid] += 1
+        self.tail[wid] = tail_model
+        entry = (self.load(wid), wid, self.version[wid])
+        for m in self.models[wid]:
+            heapq.heappush(self.by_model.setdefault(m, []), entry)
+        heapq.heappush(self.by_tail.setdefault(tail_model, []), entry)
+
+    def least(self, model: str, k: int) -> list[str]:
+        """Up to k least loaded workers that can serve `model`, and up to k of those whose
+        queue ends with it (no swap)."""
+        out: list[str] = []
+        for heap in (self.by_model.get(model, []), self.by_tail.get(model, [])):
+            kept = []
+            while heap and len(kept) < k:
+                entry = heapq.heappop(heap)
+                _, wid, version = entry
+                if version != self.version[wid] or model not in self.models[wid]:
+                    continue  # stale
+                if heap is self.by_tail.get(model) and self.tail[wid] != model:
+                    continue
+                kept.append(entry)
+            for entry in kept:
+                heapq.heappush(heap, entry)
+            out += [wid for _, wid, _ in kept if wid not in out]
+        return out
+
+
 class PlanGenerator:
     def __init__(
         self,
@@ -56,12 +100,15 @@ class PlanGenerator:
         confidence: float = 0.95,
         swap_s: Callable[[str], float] = lambda worker: 0.0,
         name: str = "qlm",
+        candidates: int = 4,
     ):
         self.lengths = lengths or OutputLengthStats()
         self.estimator = WaitingTimeEstimator(self.lengths, throughput)
         self.z = NormalDist().inv_cdf(confidence)
         self.swap_s = swap_s
         self.name = name
+        # least loaded workers tried per group, of each kind (any, and no swap needed)
+        self.candidates = candidates
         self.calibration = Calibration(confidence)
         # the first estimate each group got, and when: checked against its real wait
         self._first: dict[str, tuple[WaitEstimate, float]] = {}
@@ -93,14 +140,13 @@ class PlanGenerator:
             for w in snapshot.workers
         }
         tail_model = {w.id: w.loaded for w in snapshot.workers}
-        eligible: dict[str, list[str]] = {}
-        for w in sorted(snapshot.workers, key=lambda w: w.id):
-            for m in w.models:
-                eligible.setdefault(m, []).append(w.id)
+        # a worker's load: when a small group of its tail model would start there
+        least = _LeastLoaded(snapshot.workers, lambda wid: waits[wid].next_wait(
+            QueuedGroup(tail_model[wid], "", 1)).mean if tail_model[wid] else 0.0)
 
         late: list[GroupView] = []
         for g in sorted(snapshot.groups, key=lambda g: (g.deadline_ms, g.sequence)):
-            candidates = eligible.get(g.model)
+            candidates = least.least(g.model, self.candidates)
             if not candidates:
                 plan.unplaced.append(g.id)
                 continue
@@ -117,12 +163,15 @@ class PlanGenerator:
                 late.append(g)
                 continue
             self._place(plan, waits, tail_model, best, g, queued, best_estimate, now_s)
+            least.update(best, g.model)
 
         for g in late:  # after everything that can still meet its deadline
             queued = self._queued(g)
-            options = [(waits[w].next_wait(queued), w) for w in eligible[g.model]]
+            options = [(waits[w].next_wait(queued), w)
+                       for w in least.least(g.model, self.candidates)]
             estimate, wid = min(options, key=lambda o: (o[0].quantile(self.z), o[1]))
             self._place(plan, waits, tail_model, wid, g, queued, estimate, now_s)
+            least.update(wid, g.model)
         return plan
 
     def _place(self, plan, waits, tail_model, wid, g, queued, estimate, now_s) -> None:

@@ -8,6 +8,7 @@ plan generator) builds on the same signature.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 
 from .plan import GroupView, Plan, Snapshot, WorkerView
@@ -52,11 +53,26 @@ def edf(snapshot: Snapshot) -> Plan:
     """Earliest deadline first; each group goes to the worker with the least work ahead of it
     (running plus already placed queued requests, per unit of batch capacity)."""
     load = {w.id: w.running for w in snapshot.workers}
+    capacity = {w.id: max(w.max_running, 1) for w in snapshot.workers}
+    # per model, (load / capacity, worker id) with lazy deletion: O(log W) per group
+    heaps: dict[str, list[tuple[float, str]]] = {}
+    for w in snapshot.workers:
+        for m in w.models:
+            heaps.setdefault(m, []).append((load[w.id] / capacity[w.id], w.id))
+    for h in heaps.values():
+        heapq.heapify(h)
+    serves = {w.id: w.models for w in snapshot.workers}
 
     def least_loaded(g: GroupView, candidates: list[WorkerView]) -> str:
-        best = min(candidates, key=lambda w: (load[w.id] / max(w.max_running, 1), w.id))
-        load[best.id] += g.queued
-        return best.id
+        heap = heaps[g.model]
+        while True:
+            share, wid = heapq.heappop(heap)
+            if share == load[wid] / capacity[wid]:
+                break  # not stale
+        load[wid] += g.queued
+        for m in serves[wid]:
+            heapq.heappush(heaps[m], (load[wid] / capacity[wid], wid))
+        return wid
 
     ordered = sorted(snapshot.groups, key=lambda g: (g.deadline_ms, g.sequence))
     return _place(snapshot, ordered, least_loaded, "edf")
