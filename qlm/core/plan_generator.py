@@ -74,6 +74,8 @@ class _LeastLoaded:
     def least(self, model: str, k: int) -> list[str]:
         """Up to k least loaded workers that can serve `model`, and up to k of those whose
         queue ends with it (no swap)."""
+        if len(self.models) <= 2 * k:  # a small fleet: try every worker
+            return [w for w, ms in self.models.items() if model in ms]
         out: list[str] = []
         for heap in (self.by_model.get(model, []), self.by_tail.get(model, [])):
             kept = []

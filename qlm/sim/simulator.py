@@ -100,7 +100,7 @@ class Simulation:
         policy: Policy,
         *,
         max_group_size: int = 32,
-        plan_interval_s: float = 0.25,
+        plan_interval_s: float = 1.0,
         plan_debounce_s: float = 0.02,
         charge_planner: bool = True,
         fold_steps: bool = True,
@@ -173,22 +173,27 @@ class Simulation:
 
     def _on_arrive(self, _) -> None:
         # all requests arriving at this instant
+        opened = False
         while (self._next_arrival < len(self.requests)
                and self.requests[self._next_arrival].spec.arrival_s <= self.now):
-            self._enqueue(self.requests[self._next_arrival])
+            opened |= self._enqueue(self.requests[self._next_arrival])
             self._next_arrival += 1
         if self._next_arrival < len(self.requests):
             self._at(self.requests[self._next_arrival].spec.arrival_s, "arrive")
-        if not self._plan_asked:
+        # a request joining a group the plan already holds changes little: the next tick
+        # will see it; a new group asks for a plan (until then it waits in the pending pool)
+        if opened and not self._plan_asked and not self._installs:
             self._plan_asked = True
             self._at(self.now + self.plan_debounce_s, "plan")
         self._kick_all()
 
-    def _enqueue(self, req: _Request) -> None:
+    def _enqueue(self, req: _Request) -> bool:
+        """Adds a request to its group; True when it opened a new group."""
         s = req.spec
         kind = group_kind(s.model, s.slo_class, s.input_length)
         g = self._groups.get(self._open.get(kind, ""))
-        if g is None or g.joined >= self.max_group_size:
+        opened = g is None or g.joined >= self.max_group_size
+        if opened:
             seq = next(self._group_seq)
             g = _Group(f"g{seq}", seq, s.model, s.slo_class, kind, s.deadline_s)
             self._groups[g.id] = g
@@ -199,6 +204,7 @@ class Simulation:
         g.joined += 1
         g.prompt_tokens += s.input_length
         g.output_tokens += s.output_length
+        return opened
 
     def _drop_group(self, g: _Group) -> None:
         del self._groups[g.id]
@@ -212,7 +218,8 @@ class Simulation:
     # --- the planner (planner service + install_plan.lua) ----------------------------------
 
     def _on_tick(self, _) -> None:
-        if not self._plan_asked:
+        # one planner: no new plan while the last one is still being computed
+        if not self._plan_asked and not self._installs:
             self._plan_asked = True
             self._at(self.now, "plan")
         self._at(self.now + self.plan_interval_s, "tick")
