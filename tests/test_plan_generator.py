@@ -76,5 +76,5 @@ def test_learns_lengths_and_checks_its_estimates():
     snap = Snapshot(now_ms=1000, groups=(group("g1", 100.0),), workers=(worker("w0"),))
     gen(snap)
     gen.group_started("g1", 1.0)
-    gen.group_started("g1", 5.0)  # only the first start counts
+    gen.group_started("g1", 5.0)  # only its first start counts
     assert gen.calibration.count == 1 and gen.calibration.coverage() == 1.0

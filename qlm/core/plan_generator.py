@@ -112,8 +112,10 @@ class PlanGenerator:
         # least loaded workers tried per group, of each kind (any, and no swap needed)
         self.candidates = candidates
         self.calibration = Calibration(confidence)
-        # the first estimate each group got, and when: checked against its real wait
-        self._first: dict[str, tuple[WaitEstimate, float]] = {}
+        # the estimate of the plan in force for each group, and when it was made: checked
+        # against the group's real wait when it starts (a later plan may move a group back
+        # behind newer, tighter groups; that is the plan's doing, not the estimator's error)
+        self._latest: dict[str, tuple[WaitEstimate, float]] = {}
 
     # --- learning --------------------------------------------------------------------------
 
@@ -121,9 +123,9 @@ class PlanGenerator:
         self.lengths.observe(model, slo_class, output_tokens)
 
     def group_started(self, group_id: str, now_s: float) -> None:
-        first = self._first.pop(group_id, None)
-        if first is not None:
-            estimate, planned_s = first
+        latest = self._latest.pop(group_id, None)
+        if latest is not None:
+            estimate, planned_s = latest
             self.calibration.record(estimate, now_s - planned_s)
 
     # --- planning --------------------------------------------------------------------------
@@ -180,4 +182,4 @@ class PlanGenerator:
         plan.queues[wid].append(g.id)
         waits[wid].append(queued)
         tail_model[wid] = g.model
-        self._first.setdefault(g.id, (estimate, now_s))
+        self._latest[g.id] = (estimate, now_s)
