@@ -293,3 +293,27 @@ async def test_worker_pulls_only_what_its_engine_has_room_for(redis_server, tmp_
             await stack.router().Cancel(router_pb2.CancelRequest(request_id=s.request_id))
     finally:
         await stack.stop()
+
+
+async def test_planner_runs_the_qlm_policy_live_and_learns(redis_server, tmp_path):
+    path = write_config(tmp_path, workers=[{"id": "w0", **SMALL}, {"id": "w1", **SMALL}],
+                        planner={"interval_ms": 50, "policy": "qlm"})
+    stack = await InProcessStack(redis_server.url, path).start()
+    try:
+        loop = stack.planners[0][0]
+        assert loop.policy_name == "qlm"
+        results = await asyncio.gather(*(
+            collect(stack.router(0).Generate(gen(f"q{i}", 6, slo_class=cls)))
+            for i, cls in enumerate(["batch", "interactive"] * 20)))
+        assert all(len(ids) == 6 for _, ids in results)
+        plan = await stack.planner().GetPlan(planner_pb2.GetPlanRequest())
+        for _ in range(40):  # the planner reads completions from the event stream
+            if loop.policy.lengths.count("small", "interactive"):
+                break
+            await asyncio.sleep(0.05)
+            plan = await stack.planner().GetPlan(planner_pb2.GetPlanRequest())
+        assert plan.policy == "qlm" and plan.leader
+        assert loop.policy.lengths.count("small", "interactive") > 0
+        assert loop.policy.lengths.mean("small", "batch") < 256  # learned: 6, prior 256
+    finally:
+        await stack.stop()

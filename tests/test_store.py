@@ -899,3 +899,25 @@ async def test_nothing_is_lost(store, seed):
     assert await c.hgetall(store.key("open")) == {}
     for pattern in ("grp:*", "pending:*", "running:*", "vq:*"):
         assert [k async for k in c.scan_iter(store.key(pattern))] == [], pattern
+
+
+async def test_group_token_totals_follow_its_queued_requests(store):
+    async def totals(gid="g1"):
+        g = await store.client.hmget(store.key("grp", gid), "prompt_tokens", "max_tokens")
+        return tuple(int(x) for x in g)
+
+    await enq(store, "a", prompt_tokens=100, max_tokens=50)
+    await enq(store, "b", prompt_tokens=20, max_tokens=7)
+    await enq(store, "c", prompt_tokens=1, max_tokens=1)
+    assert await totals() == (121, 58)
+    assert await store.cancel("c", 60) == ("queued", "cancelled")
+    assert await totals() == (120, 57)
+    assert await claim_ids(store, "w1", 1) == ["a"]
+    assert await totals() == (20, 7)
+    # "a" produced 30 tokens, then is evicted: it comes back with a longer context and
+    # fewer tokens to go
+    await store.append("a", "w1", 0, list(range(30)), "x" * 30)
+    assert (await store.evict("a", "w1"))[0] == "ok"
+    assert await totals() == (20 + 130, 7 + 20)
+    assert sorted(await claim_ids(store, "w1", 2)) == ["a", "b"]
+    assert not await store.client.exists(store.key("grp", "g1"))  # emptied and dropped

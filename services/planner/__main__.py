@@ -45,7 +45,8 @@ async def serve(args) -> None:
 
 def main() -> None:
     parser = service_parser("services.planner", __doc__, "planner.listen")
-    parser.add_argument("--policy", default=None, help="override planner.policy (fcfs, edf)")
+    parser.add_argument("--policy", default=None,
+                        help="override planner.policy (fcfs, priority, edf, qlm)")
     args = parser.parse_args()
     setup_logging("planner")
     run(serve(args))

@@ -11,7 +11,10 @@ import grpc
 
 from qlm.config import StackConfig
 from qlm.core import policies
+from qlm.core.estimator import InstanceThroughput
 from qlm.core.plan import GroupView, Plan, Snapshot, WorkerView
+from qlm.core.plan_generator import PlanGenerator
+from qlm.engines.sim import SimProfile
 from qlm.serving import cancel_and_wait
 from qlm.state.store import QueueStore
 from qlm.v1 import worker_pb2, worker_pb2_grpc
@@ -30,16 +33,44 @@ async def take_snapshot(store: QueueStore) -> Snapshot:
         groups=tuple(
             GroupView(id=g["id"], model=g["model"], slo_class=g["cls"],
                       deadline_ms=int(g["deadline_ms"]), sequence=int(g["id"][1:]),
-                      queued=int(g["queued"]), worker=g.get("vq", ""))
+                      queued=int(g["queued"]), worker=g.get("vq", ""),
+                      prompt_tokens=max(0, int(g.get("prompt_tokens") or 0)),
+                      max_tokens=max(0, int(g.get("max_tokens") or 0)))
             for g in groups if int(g["queued"]) > 0
         ),
-        workers=tuple(
-            WorkerView(id=wid, models=tuple(info.get("models", "").split()),
-                       max_running=int(info.get("max_running") or 1),
-                       running=int(info.get("running") or 0))
-            for wid, info in sorted(workers.items())
-        ),
+        workers=tuple(_worker_view(wid, info) for wid, info in sorted(workers.items())),
     )
+
+
+def _worker_view(wid: str, info: dict[str, str]) -> WorkerView:
+    models = tuple(info.get("models", "").split())
+    running = int(info.get("running") or 0)
+    return WorkerView(
+        id=wid, models=models, max_running=int(info.get("max_running") or 1), running=running,
+        loaded=models[0] if models else "",
+        # what runs is known by count only: the estimator gives each the prior's length
+        running_work=(("", 0, 0),) * running,
+    )
+
+
+def build_policy(config: StackConfig, name: str) -> policies.Policy:
+    """The policy called `name`; `qlm` gets an estimator fed with the workers' engine
+    profiles (from the stack config: sim workers name theirs)."""
+    if name != "qlm":
+        return policies.get(
+            name, {c.name: c.ttft_deadline_ms for c in config.slo_classes.values()})
+    throughput = InstanceThroughput()
+    load_s: dict[str, float] = {}
+    for w in config.workers:
+        if "profile" not in w.options:
+            continue  # measured profiles of real engines come with the vllm engine
+        profile = SimProfile.load(config.resolve(str(w.options["profile"])))
+        for m in w.models:
+            throughput.set_profile(w.id, m, profile)
+        load_s[w.id] = profile.load_ms / 1000
+    if not load_s:
+        raise ValueError("the qlm policy needs engine profiles: no worker of the config has one")
+    return PlanGenerator(throughput, swap_s=lambda wid: load_s.get(wid, 0.0))
 
 
 class PlannerLoop:
@@ -48,9 +79,10 @@ class PlannerLoop:
         self.config = config
         self.store = store
         self.policy_name = policy or config.planner_policy
-        self.policy = policies.get(
-            self.policy_name,
-            {c.name: c.ttft_deadline_ms for c in config.slo_classes.values()})
+        self.policy = build_policy(config, self.policy_name)
+        # a learning policy hears of completions and of groups starting
+        self._observe = getattr(self.policy, "observe", None)
+        self._group_started = getattr(self.policy, "group_started", None)
         self.id = planner_id or uuid.uuid4().hex[:12]
         self.epoch = 0
         self.sequence = 0
@@ -96,8 +128,17 @@ class PlannerLoop:
             block=max(1, int(self.interval_s * 1000)))
         if streams:
             last_event = streams[0][1][-1][0]
+            self._learn(streams[0][1])
             await asyncio.sleep(DEBOUNCE_S)
         return last_event
+
+    def _learn(self, events) -> None:
+        for event_id, e in events:
+            kind = e.get("type")
+            if kind == "finished" and self._observe:
+                self._observe(e.get("model", ""), e.get("cls", ""), int(e.get("out") or 0))
+            elif kind == "start" and self._group_started:
+                self._group_started(e.get("gid", ""), int(event_id.split("-")[0]) / 1000)
 
     async def _run(self) -> None:
         last_event = "$"

@@ -4,6 +4,7 @@
 -- ARGV: prefix, rid, retention_s
 -- Returns {state before, state after}
 -- @include now
+-- @include group_tokens
 -- @include notify
 -- @include finalize
 local p, rid = ARGV[1], ARGV[2]
@@ -12,7 +13,9 @@ local f = redis.call('HMGET', req, 'state', 'worker', 'group', 'cls')
 local state = f[1]
 if not state then return {'gone', 'gone'} end
 if state == 'queued' then
-  redis.call('LREM', p .. 'grp:' .. f[3] .. ':q', 1, rid)
+  if redis.call('LREM', p .. 'grp:' .. f[3] .. ':q', 1, rid) == 1 then
+    group_tokens(p, p .. 'grp:' .. f[3], rid, -1)
+  end
   redis.call('HINCRBY', p .. 'depth', f[4], -1)
 elseif state == 'running' then
   redis.call('ZREM', p .. 'leases', rid)

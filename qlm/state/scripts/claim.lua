@@ -4,6 +4,7 @@
 -- ARGV: prefix, worker, n, lease_ms, model...
 -- Returns a flat list: for each request, its id followed by its HGETALL as one array.
 -- @include now
+-- @include group_tokens
 local p, worker, n, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local served = {}
 for i = 5, #ARGV do served[ARGV[i]] = true end
@@ -59,6 +60,7 @@ while #claimed < 2 * n do
     redis.call('XADD', p .. 'events', 'MAXLEN', '~', 100000, '*', 'type', 'skip', 'rid', rid)
   else
     local req = p .. 'req:' .. rid
+    group_tokens(p, p .. 'grp:' .. gid, rid, -1)
     redis.call('HSET', req, 'state', 'running', 'worker', worker)
     if not redis.call('HGET', req, 'start_ms') then
       redis.call('HSET', req, 'start_ms', now)

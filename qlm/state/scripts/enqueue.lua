@@ -4,6 +4,7 @@
 --       (watcher to notify, or ''), then field/value pairs of the request.
 -- Returns {'ok', gid} | {'exists', state} | {'full', depth}
 -- @include now
+-- @include group_tokens
 local p, rid, kind, model, cls = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local max_queued, max_group = tonumber(ARGV[6]), tonumber(ARGV[7])
 local budget, router = tonumber(ARGV[8]), ARGV[9]
@@ -46,6 +47,7 @@ elseif deadline < tonumber(redis.call('HGET', grp, 'deadline_ms')) then
 end
 redis.call('RPUSH', grp .. ':q', rid)
 redis.call('HINCRBY', grp, 'joined', 1)
+group_tokens(p, grp, rid, 1)
 redis.call('HSET', req, 'group', gid)
 redis.call('HINCRBY', p .. 'depth', cls, 1)
 if router ~= '' then

@@ -4,6 +4,7 @@
 -- ARGV: prefix, rid, worker
 -- Returns {'ok', gid} | {'lost', state}
 -- @include now
+-- @include group_tokens
 -- @include return_to_group
 local p, rid, worker = ARGV[1], ARGV[2], ARGV[3]
 local f = redis.call('HMGET', p .. 'req:' .. rid, 'state', 'worker')

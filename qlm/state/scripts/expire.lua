@@ -4,6 +4,7 @@
 -- ARGV: prefix, max (requests to return per call)
 -- Returns {requeued request ids, dead worker ids}
 -- @include now
+-- @include group_tokens
 -- @include return_to_group
 local p, max = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()

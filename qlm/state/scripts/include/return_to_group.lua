@@ -13,6 +13,7 @@ local function return_to_group(p, rid, now)
   end
   redis.call('LPUSH', grp .. ':q', rid)
   redis.call('HINCRBY', grp, 'joined', 1)
+  group_tokens(p, grp, rid, 1)
   -- the group's deadline is its earliest member's
   if tonumber(deadline) < tonumber(redis.call('HGET', grp, 'deadline_ms')) then
     redis.call('HSET', grp, 'deadline_ms', deadline)
