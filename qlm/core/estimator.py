@@ -340,21 +340,26 @@ class WaitingTimeEstimator:
             waits.append(g)
         return out
 
-    def queue(self, worker: str, model: str | None, running=(), swap_s: float = 0.0):
+    def queue(self, worker: str, model: str | None, running=(), swap_s: float = 0.0,
+              ready_s: float = 0.0):
         """An empty virtual queue of `worker` with `model` loaded and `running` in its batch,
         to be filled one group at a time (QueueWaits): what a plan generator needs to try a
         group at the end of every queue without re-estimating the whole queue."""
-        return QueueWaits(self, worker, model, running, swap_s)
+        return QueueWaits(self, worker, model, running, swap_s, ready_s)
 
 
 class QueueWaits:
     """The estimator's state along one virtual queue; `next_wait(g)` is the wait of group g if
     it came next, `append(g)` puts it there."""
 
-    def __init__(self, est: WaitingTimeEstimator, worker: str, model, running, swap_s: float):
+    def __init__(self, est: WaitingTimeEstimator, worker: str, model, running, swap_s: float,
+                 ready_s: float = 0.0):
         self.est, self.worker, self.loaded, self.swap_s = est, worker, model, swap_s
         tp, ls = est.throughput, est.lengths
-        self.swaps = self.base_mean = self.base_var = 0.0
+        self.base_mean = self.base_var = 0.0
+        # deterministic delays: swaps along the queue, and the engine's step under way (it
+        # takes new work only at a step boundary, however free its slots)
+        self.swaps = ready_s
         self.base_se: dict[Key, float] = {}
         self.seg = _Segment(tp.batch(worker, model) if model is not None else 1)
         self.queued = 0
@@ -443,9 +448,12 @@ class Calibration:
         self.count = self.hits = 0
         self._error_sum = 0.0
 
+    # Waits are compared to the millisecond (the services' clocks tick in ms).
+    TOLERANCE_S = 0.001
+
     def record(self, predicted: WaitEstimate, actual_s: float) -> None:
         self.count += 1
-        self.hits += actual_s <= predicted.quantile(self.z)
+        self.hits += actual_s <= predicted.quantile(self.z) + self.TOLERANCE_S
         self._error_sum += actual_s - predicted.mean
 
     def coverage(self) -> float:

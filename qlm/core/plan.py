@@ -34,11 +34,13 @@ class WorkerView:
     loaded: str = ""
     # The batch now: (slo_class, tokens generated, max_tokens or 0 when unknown) per request.
     running_work: tuple[tuple[str, int, int], ...] = ()
+    # Seconds until its engine next takes new work (the end of the step under way), if known.
+    ready_in_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    now_ms: int
+    now_ms: float
     groups: tuple[GroupView, ...]
     workers: tuple[WorkerView, ...]
 

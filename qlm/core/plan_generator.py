@@ -140,7 +140,8 @@ class PlanGenerator:
         waits = {
             w.id: self.estimator.queue(
                 w.id, w.loaded or None,
-                [(c, g, m or None) for c, g, m in w.running_work], self.swap_s(w.id))
+                [(c, g, m or None) for c, g, m in w.running_work], self.swap_s(w.id),
+                w.ready_in_s)
             for w in snapshot.workers
         }
         tail_model = {w.id: w.loaded for w in snapshot.workers}

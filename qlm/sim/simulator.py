@@ -72,6 +72,7 @@ class _Instance:
     running: list[_Request] = dataclasses.field(default_factory=list)
     kv_used: int = 0
     busy: bool = False
+    busy_until: float = 0.0  # end of the step (or swap) under way
     warm: set[str] = dataclasses.field(default_factory=set)
     swaps: int = 0
 
@@ -226,7 +227,7 @@ class Simulation:
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
-            now_ms=int(self.now * 1000),
+            now_ms=self.now * 1000,
             groups=tuple(
                 GroupView(id=g.id, model=g.model, slo_class=g.slo_class,
                           deadline_ms=int(g.deadline_s * 1000), sequence=g.sequence,
@@ -238,6 +239,7 @@ class Simulation:
                 WorkerView(id=i.spec.name, models=i.spec.models,
                            max_running=i.profile.max_running, running=len(i.running),
                            loaded=i.model,
+                           ready_in_s=max(0.0, i.busy_until - self.now) if i.busy else 0.0,
                            running_work=tuple(
                                (r.spec.slo_class, r.generated,
                                 r.spec.output_length if self.oracle else 0)
@@ -357,6 +359,7 @@ class Simulation:
             extra = max(0, left)
             first_s += extra * decode_s
         inst.busy = True
+        inst.busy_until = self.now + first_s
         self._at(self.now + first_s, "step", (inst, 1 + extra))
 
     def _on_step(self, arg) -> None:
@@ -381,6 +384,7 @@ class Simulation:
         p = inst.profiles[model]
         ms = p.warm_load_ms if model in inst.warm else p.load_ms
         inst.busy = True
+        inst.busy_until = self.now + ms / 1000
         inst.swaps += 1
         self._at(self.now + ms / 1000, "swap", (inst, model))
 
