@@ -89,6 +89,15 @@ def test_swaps_to_the_model_of_the_work_and_pays_the_load_time():
     assert r.first_token_s == pytest.approx(5.01)
 
 
+def test_swapping_back_is_a_warm_start():
+    res = run([req(0, 0.0, 1, model="b"), req(1, 10.0, 1, model="a")], models=("a", "b"),
+              max_running=1)
+    b, a = res.requests
+    assert res.model_swaps == 2
+    assert b.start_s == pytest.approx(5.0)  # "b" cold: 5 s
+    assert a.start_s == pytest.approx(10.5)  # "a" was served before: warm, 0.5 s
+
+
 def test_nothing_is_lost_across_models_and_instances():
     rng = random.Random(3)
     requests = [req(i, rng.uniform(0, 30), rng.randint(1, 100), model=rng.choice("ab"),

@@ -43,7 +43,7 @@ def qlm_policy(workers: int, models: int = 2) -> PlanGenerator:
     for w in range(workers):
         for m in range(models):
             tp.set_profile(f"w{w}", f"m{m}", profile)
-    return PlanGenerator(tp, swap_s=lambda w: profile.load_ms / 1000)
+    return PlanGenerator(tp, swap_s=lambda w: profile.warm_load_ms / 1000)
 
 
 def measure(policy, snap: Snapshot, repeats: int) -> list[float]:

@@ -53,7 +53,8 @@ def make_policy(name: str, fleet, deadlines: dict[str, float]):
     for inst, profiles in fleet:
         for model, profile in profiles.items():
             throughput.set_profile(inst.name, model, profile)
-        load_s[inst.name] = max(p.load_ms for p in profiles.values()) / 1000
+        # swaps are warm starts once a model has run there (the simulator keeps it warm)
+        load_s[inst.name] = max(p.warm_load_ms for p in profiles.values()) / 1000
     lengths = ExactLengths() if name == "oracle" else OutputLengthStats()
     return PlanGenerator(throughput, lengths, swap_s=load_s.__getitem__, name=name)
 

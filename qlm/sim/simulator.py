@@ -12,7 +12,8 @@ compute time has passed in virtual time, so a slow planner costs what it would c
 
 An instance runs one model at a time; when the head of its queue (or, with nothing queued, the
 most urgent pending group it can serve) needs another model, it drains what it runs and swaps,
-paying the profile's load time (warm_load_ms if that model was warmed).
+paying the profile's load time: load_ms the first time, warm_load_ms for a model it served
+before (kept in CPU memory: warm start).
 """
 
 from __future__ import annotations
@@ -391,5 +392,8 @@ class Simulation:
     def _on_swap(self, arg) -> None:
         inst, model = arg
         inst.busy = False
+        # warm start: the model swapped out stays in (pinned) CPU memory, so swapping back
+        # costs warm_load_ms; a host's memory holds the few models an instance serves
+        inst.warm.add(inst.model)
         inst.model = model
         self._begin_step(inst)
