@@ -44,6 +44,7 @@ def profiles(tmp_path):
 def test_runs_every_policy_and_load_on_the_same_requests(trace, profiles, tmp_path):
     out = tmp_path / "out.json"
     code = cli(["bench", "sim", "--trace", str(trace), "--scenario", "wa", "--loads", "1,8",
+                "--limit", "300",
                 "--policies", "fcfs,priority,edf", "--profiles", str(profiles),
                 "--json", str(out)])
     assert code == 0

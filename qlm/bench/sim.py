@@ -130,9 +130,9 @@ def table(runs: list[dict], policies_: list[str]) -> str:
 
 def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], *,
         instances: int | None = None, seed: int = 0, profiles_dir: pathlib.Path = PROFILES,
-        max_group_size: int = 32, progress=True) -> list[dict]:
+        max_group_size: int = 32, limit: int | None = None, progress=True) -> list[dict]:
     sc = get_scenario(scenario)
-    requests = sc.assign(load_trace(trace), seed)
+    requests = sc.assign(load_trace(trace)[:limit], seed)
     fleet = load_profiles(sc.instances(instances), profiles_dir)
     deadlines = {c.name: c.ttft_deadline_s for c in sc.slo_classes.values()}
     runs = []
@@ -170,7 +170,7 @@ def main(args) -> int:
         print("qlm bench sim: --loads must be positive numbers", file=sys.stderr)
         return 2
     runs = run(args.trace, args.scenario, policy_names, loads, instances=args.instances,
-               seed=args.seed, profiles_dir=pathlib.Path(args.profiles))
+               seed=args.seed, profiles_dir=pathlib.Path(args.profiles), limit=args.limit)
     print(f"scenario {args.scenario}, trace {args.trace}, seed {args.seed}")
     print(table(runs, policy_names))
     if args.json:
