@@ -67,7 +67,7 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
         profile = SimProfile.load(config.resolve(str(w.options["profile"])))
         for m in w.models:
             throughput.set_profile(w.id, m, profile)
-        load_s[w.id] = profile.load_ms / 1000
+        load_s[w.id] = profile.warm_load_ms / 1000  # swaps between warmed models
     if not load_s:
         raise ValueError("the qlm policy needs engine profiles: no worker of the config has one")
     return PlanGenerator(throughput, swap_s=lambda wid: load_s.get(wid, 0.0))
