@@ -78,3 +78,15 @@ def test_learns_lengths_and_checks_its_estimates():
     gen.group_started("g1", 1.0)
     gen.group_started("g1", 5.0)  # only its first start counts
     assert gen.calibration.count == 1 and gen.calibration.coverage() == 1.0
+
+
+def test_late_group_is_not_set_aside_when_nothing_after_it_is_tight():
+    # the same late g1 as above, but what follows it has an hour to spare: serving g1 first
+    # costs no deadline, setting it aside would only make it later
+    busy = WorkerView(id="w0", models=("m",), max_running=4, loaded="m",
+                      running_work=(("c", 0, 500),) * 4)
+    snap = Snapshot(now_ms=0, groups=(
+        group("g1", 1.0, queued=4, tokens=1000),
+        group("g2", 3600.0, queued=4, tokens=10),
+    ), workers=(busy,))
+    assert generator()(snap).queues["w0"] == ["g1", "g2"]

@@ -150,7 +150,8 @@ class PlanGenerator:
             QueuedGroup(tail_model[wid], "", 1)).mean if tail_model[wid] else 0.0)
 
         late: list[GroupView] = []
-        for g in sorted(snapshot.groups, key=lambda g: (g.deadline_ms, g.sequence)):
+        ordered = sorted(snapshot.groups, key=lambda g: (g.deadline_ms, g.sequence))
+        for i, g in enumerate(ordered):
             candidates = least.least(g.model, self.candidates)
             if not candidates:
                 plan.unplaced.append(g.id)
@@ -164,7 +165,8 @@ class PlanGenerator:
                 key = (q > budget, tail_model[wid] != g.model, q)
                 if best_key is None or key < best_key:
                     best, best_key, best_estimate = wid, key, estimate
-            if best_key[0]:
+            if best_key[0] and self._worth_deferring(
+                    g, best, best_key[-1] - budget, ordered[i + 1:i + 2], now_s):
                 late.append(g)
                 continue
             self._place(plan, waits, tail_model, best, g, queued, best_estimate, now_s)
@@ -178,6 +180,21 @@ class PlanGenerator:
             self._place(plan, waits, tail_model, wid, g, queued, estimate, now_s)
             least.update(wid, g.model)
         return plan
+
+    def _worth_deferring(self, g, wid, lateness_s, following, now_s) -> bool:
+        """Setting a late group aside helps only the groups it would delay: if even the next
+        deadline (the tightest of those still to place) has room for this group's lateness
+        plus its work, serving it now costs no one a deadline, and setting it aside would
+        make it later still (a 60 s group behind a queue of 1 h ones, say)."""
+        if not following:
+            return False
+        tp = self.estimator.throughput
+        cap = g.max_tokens / g.queued if g.max_tokens and g.queued else None
+        mean_len, _ = self.lengths.moments(g.model, g.slo_class, cap)
+        batch = tp.batch(wid, g.model)
+        work_s = g.queued * mean_len * tp.step_s(wid, g.model, batch) / batch
+        next_budget = following[0].deadline_ms / 1000 - now_s
+        return next_budget - (g.deadline_ms / 1000 - now_s) < lateness_s + work_s
 
     def _place(self, plan, waits, tail_model, wid, g, queued, estimate, now_s) -> None:
         plan.queues[wid].append(g.id)
