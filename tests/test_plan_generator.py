@@ -28,6 +28,12 @@ def group(gid, deadline_s, queued=4, tokens=100, model="m", seq=None) -> GroupVi
                      max_tokens=queued * tokens)
 
 
+def busy_worker() -> WorkerView:
+    """All 4 slots taken by requests with 500 tokens to go: 5 s until one frees."""
+    return WorkerView(id="w0", models=("m",), max_running=4, loaded="m",
+                      running_work=(("c", 0, 500),) * 4)
+
+
 def worker(wid, models=("m",), loaded="m") -> WorkerView:
     return WorkerView(id=wid, models=models, max_running=4, loaded=loaded)
 
@@ -35,8 +41,7 @@ def worker(wid, models=("m",), loaded="m") -> WorkerView:
 def test_hopeless_groups_go_last_so_the_rest_still_meet_their_deadlines():
     # the batch is busy for 5 s; g1 (due at 1 s) cannot make it, g2 (due at 6 s) can, but
     # only if it does not wait behind g1's 10 s of work
-    busy = WorkerView(id="w0", models=("m",), max_running=4, loaded="m",
-                      running_work=(("c", 0, 500),) * 4)
+    busy = busy_worker()
     snap = Snapshot(now_ms=0, groups=(
         group("g1", 1.0, queued=4, tokens=1000),
         group("g2", 6.0, queued=4, tokens=10),
@@ -83,8 +88,7 @@ def test_learns_lengths_and_checks_its_estimates():
 def test_late_group_is_not_set_aside_when_nothing_after_it_is_tight():
     # the same late g1 as above, but what follows it has an hour to spare: serving g1 first
     # costs no deadline, setting it aside would only make it later
-    busy = WorkerView(id="w0", models=("m",), max_running=4, loaded="m",
-                      running_work=(("c", 0, 500),) * 4)
+    busy = busy_worker()
     snap = Snapshot(now_ms=0, groups=(
         group("g1", 1.0, queued=4, tokens=1000),
         group("g2", 3600.0, queued=4, tokens=10),

@@ -36,17 +36,22 @@ def _place(snapshot: Snapshot, ordered: list[GroupView], pick, name: str) -> Pla
     return plan
 
 
-def fcfs(snapshot: Snapshot) -> Plan:
-    """Arrival order; groups dealt to the model's workers in turn."""
+def _round_robin():
+    """A placement that deals each model's groups to its workers in turn."""
     turn: dict[str, int] = {}
 
-    def round_robin(g: GroupView, candidates: list[WorkerView]) -> str:
+    def pick(g: GroupView, candidates: list[WorkerView]) -> str:
         i = turn.get(g.model, 0)
         turn[g.model] = i + 1
         return candidates[i % len(candidates)].id
 
+    return pick
+
+
+def fcfs(snapshot: Snapshot) -> Plan:
+    """Arrival order; groups dealt to the model's workers in turn."""
     ordered = sorted(snapshot.groups, key=lambda g: g.sequence)
-    return _place(snapshot, ordered, round_robin, "fcfs")
+    return _place(snapshot, ordered, _round_robin(), "fcfs")
 
 
 def edf(snapshot: Snapshot) -> Plan:
@@ -84,16 +89,9 @@ def priority(class_deadlines: dict[str, float]) -> Policy:
     rank = {c: i for i, c in enumerate(sorted(class_deadlines, key=class_deadlines.get))}
 
     def plan(snapshot: Snapshot) -> Plan:
-        turn: dict[str, int] = {}
-
-        def round_robin(g: GroupView, candidates: list[WorkerView]) -> str:
-            i = turn.get(g.model, 0)
-            turn[g.model] = i + 1
-            return candidates[i % len(candidates)].id
-
         ordered = sorted(snapshot.groups,
                          key=lambda g: (rank.get(g.slo_class, len(rank)), g.sequence))
-        return _place(snapshot, ordered, round_robin, "priority")
+        return _place(snapshot, ordered, _round_robin(), "priority")
 
     return plan
 
