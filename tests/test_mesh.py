@@ -79,6 +79,7 @@ async def test_greedy_output_is_reproducible_and_token_prompts_work(stack):
 async def test_submit_then_watch_from_any_index_on_another_router(stack):
     sub = await stack.router(0).Submit(gen("watch me", 16))
     assert sub.created
+    assert not sub.HasField("admission")  # edf publishes no estimates
     full, ids = await collect(stack.router(1).Watch(
         router_pb2.WatchRequest(request_id=sub.request_id)))
     assert len(ids) == 16 and full[-1].finished.reason == router_pb2.FINISH_REASON_LENGTH
@@ -315,5 +316,38 @@ async def test_planner_runs_the_qlm_policy_live_and_learns(redis_server, tmp_pat
         assert plan.policy == "qlm" and plan.leader
         assert loop.policy.lengths.count("small", "interactive") > 0
         assert loop.policy.lengths.mean("small", "batch") < 256  # learned: 6, prior 256
+    finally:
+        await stack.stop()
+
+
+async def test_admission_feedback_tells_a_client_its_deadline_is_at_risk(redis_server, tmp_path):
+    profile = tmp_path / "two-slots.yaml"
+    profile.write_text((PROFILES / "sim-small.yaml").read_text().replace(
+        "max_running: 64", "max_running: 2"))
+    path = write_config(tmp_path, workers=[{"id": "w0", **SMALL, "profile": str(profile),
+                                            "time_scale": 1.0}],
+                        planner={"interval_ms": 50, "policy": "qlm"})
+    stack = await InProcessStack(redis_server.url, path).start()
+    try:
+        backlog = [await stack.router().Submit(gen(f"b{i}", 1000, slo_class="batch"))
+                   for i in range(12)]  # ~5 rounds of 1000 steps on 2 slots: a minute
+        for _ in range(100):
+            if "small" in await stack.store.admission():
+                break
+            await asyncio.sleep(0.05)
+        await stack.routers[0][0].admission.refresh()
+        tight = await stack.router().Submit(gen("urgent", 4, ttft_deadline_ms=1000))
+        assert tight.admission.deadline_at_risk
+        assert tight.admission.estimated_wait_ms > 1000
+        assert 0 <= tight.admission.estimate_age_ms < 5000
+        relaxed = await stack.router().Submit(gen("later", 4, slo_class="batch",
+                                                  ttft_deadline_ms=3_600_000))
+        assert relaxed.HasField("admission") and not relaxed.admission.deadline_at_risk
+        call = stack.router().Generate(gen("stream", 4, ttft_deadline_ms=1000))
+        first = await call.read()
+        assert first.admission.deadline_at_risk
+        call.cancel()
+        for s in [*backlog, tight, relaxed]:
+            await stack.router().Cancel(router_pb2.CancelRequest(request_id=s.request_id))
     finally:
         await stack.stop()

@@ -94,3 +94,15 @@ def test_late_group_is_not_set_aside_when_nothing_after_it_is_tight():
         group("g2", 3600.0, queued=4, tokens=10),
     ), workers=(busy,))
     assert generator()(snap).queues["w0"] == ["g1", "g2"]
+
+
+def test_plan_says_how_long_a_new_request_would_wait():
+    gen = generator(("w0", "w1"))
+    idle = gen(Snapshot(now_ms=0, groups=(), workers=(worker("w0"), worker("w1"))))
+    assert idle.admission_s == {"m": 0.0}
+    busy = gen(Snapshot(now_ms=0, groups=tuple(group(f"g{i}", 600.0, tokens=500)
+                                               for i in range(1, 5)),
+                        workers=(busy_worker(), worker("w1"))))
+    # 4 groups of 4 x 500 tokens on 4 + 4 slots, plus w0's running batch: a new request waits
+    assert busy.admission_s["m"] > 4.0
+    assert policies.edf(Snapshot(now_ms=0, groups=(), workers=(worker("w0"),))).admission_s == {}

@@ -52,3 +52,6 @@ class Plan:
     # groups no alive worker can serve (their model has no worker); they stay pending
     unplaced: list[str] = dataclasses.field(default_factory=list)
     policy: str = ""
+    # model -> seconds a request arriving now would wait behind everything planned (at the
+    # policy's confidence), for admission feedback; policies without an estimator leave it empty
+    admission_s: dict[str, float] = dataclasses.field(default_factory=dict)

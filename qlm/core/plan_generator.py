@@ -179,6 +179,11 @@ class PlanGenerator:
             estimate, wid = min(options, key=lambda o: (o[0].quantile(self.z), o[1]))
             self._place(plan, waits, tail_model, wid, g, queued, estimate, now_s)
             least.update(wid, g.model)
+        for model in least.by_model:
+            options = [waits[w].next_wait(QueuedGroup(model, "", 1)).quantile(self.z)
+                       for w in least.least(model, self.candidates)]
+            if options:
+                plan.admission_s[model] = min(options)
         return plan
 
     def _worth_deferring(self, g, wid, lateness_s, following, now_s) -> bool:

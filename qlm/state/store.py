@@ -170,6 +170,15 @@ class QueueStore:
         )
         return res[0] == "ok", (res[1] if len(res) > 1 else "")
 
+    async def publish_admission(self, waits_ms: dict[str, float]) -> None:
+        """The planner's estimate of the wait a new request of each model would see."""
+        now = await self.now_ms()
+        await self.client.hset(self.key("admission"), mapping={
+            **{m: f"{w:.1f}" for m, w in waits_ms.items()}, "@at_ms": now})
+
+    async def admission(self) -> dict[str, str]:
+        return await self.client.hgetall(self.key("admission"))
+
     async def plan_info(self) -> dict[str, str]:
         return await self.client.hgetall(self.key("plan"))
 

@@ -96,26 +96,40 @@ class Finished(_message.Message):
     def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[str] = ..., slo_met: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "index", "token_ids", "text", "finished")
+    __slots__ = ("request_id", "index", "token_ids", "text", "finished", "admission")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finished: Finished
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+    admission: Admission
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., admission: _Optional[_Union[Admission, _Mapping]] = ...) -> None: ...
+
+class Admission(_message.Message):
+    __slots__ = ("estimated_wait_ms", "deadline_at_risk", "estimate_age_ms")
+    ESTIMATED_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_AT_RISK_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATE_AGE_MS_FIELD_NUMBER: _ClassVar[int]
+    estimated_wait_ms: float
+    deadline_at_risk: bool
+    estimate_age_ms: float
+    def __init__(self, estimated_wait_ms: _Optional[float] = ..., deadline_at_risk: _Optional[bool] = ..., estimate_age_ms: _Optional[float] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
-    __slots__ = ("request_id", "created")
+    __slots__ = ("request_id", "created", "admission")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     created: bool
-    def __init__(self, request_id: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
+    admission: Admission
+    def __init__(self, request_id: _Optional[str] = ..., created: _Optional[bool] = ..., admission: _Optional[_Union[Admission, _Mapping]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("request_id", "from_index")

@@ -173,6 +173,9 @@ class PlannerLoop:
                 log.warning("planner %s: plan refused, epoch %s is in force", self.id, epoch_now)
                 self.epoch = 0
                 return None
+            if plan.admission_s:
+                await self.store.publish_admission(
+                    {m: s * 1000 for m, s in plan.admission_s.items()})
             previous, self.last_plan, self.last_compute_ms = self.last_plan, plan, compute_ms
             await self._push(plan, previous, snapshot)
             return plan

@@ -15,6 +15,7 @@ from qlm.core.groups import group_kind
 from qlm.state.store import QueueStore
 from qlm.v1 import router_pb2, router_pb2_grpc
 
+from .admission import AdmissionFeedback
 from .relay import Relay, finished_message
 from .validation import Admitted, ValidationError, validate
 
@@ -48,12 +49,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.store = store
         self.router_id = router_id or uuid.uuid4().hex[:12]
         self.relay = Relay(store, self.router_id)
+        self.admission = AdmissionFeedback(store)
         self._cancels: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self.relay.start()
+        await self.admission.start()
 
     async def stop(self) -> None:
+        await self.admission.stop()
         await self.relay.stop()
 
     async def _validate(self, request, context) -> Admitted:
@@ -95,7 +99,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             enqueued = True
             if not created:
                 await self.store.watch(request_id, self.router_id)
-            yield router_pb2.GenerateResponse(request_id=request_id)
+            yield router_pb2.GenerateResponse(
+                request_id=request_id,
+                admission=self.admission.for_request(admitted.model, admitted.ttft_budget_ms))
             async for message in self.relay.stream(request_id, queue, 0, catch_up=not created):
                 yield message
             finished = True
@@ -120,7 +126,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def Submit(self, request, context):
         admitted = await self._validate(request, context)
         created = await self._enqueue(admitted, context, watch=False)
-        return router_pb2.SubmitResponse(request_id=admitted.request_id, created=created)
+        return router_pb2.SubmitResponse(
+            request_id=admitted.request_id, created=created,
+            admission=self.admission.for_request(admitted.model, admitted.ttft_budget_ms))
 
     async def Watch(self, request, context):
         if not request.request_id:
