@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instances", type=int, default=None, help="fleet size (default: scenario)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="only the trace's first N requests")
+    p.add_argument("--plots", default="bench-results/sim",
+                   help="folder for the SVG plots ('' for none)")
     p.add_argument("--profiles", default=str(PROFILES), help="engine profile folder")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_bench_sim)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from xml.etree import ElementTree
 
 import pytest
 
@@ -44,7 +45,7 @@ def profiles(tmp_path):
 def test_runs_every_policy_and_load_on_the_same_requests(trace, profiles, tmp_path):
     out = tmp_path / "out.json"
     code = cli(["bench", "sim", "--trace", str(trace), "--scenario", "wa", "--loads", "1,8",
-                "--limit", "300",
+                "--limit", "300", "--plots", str(tmp_path / "plots"),
                 "--policies", "fcfs,priority,edf", "--profiles", str(profiles),
                 "--json", str(out)])
     assert code == 0
@@ -60,6 +61,17 @@ def test_runs_every_policy_and_load_on_the_same_requests(trace, profiles, tmp_pa
     # 8x the arrival rate is harder than 1x for fcfs
     fcfs = {r["load"]: r for r in runs if r["policy"] == "fcfs"}
     assert fcfs[8.0]["ttft_p99_s"] > fcfs[1.0]["ttft_p99_s"]
+    q = fcfs[1.0]["ttft_quantiles_s"]
+    assert len(q) == 101 and q == sorted(q) and q[50] == fcfs[1.0]["ttft_p50_s"]
+    # the plots: attainment per class and overall, a TTFT CDF per load, each a valid SVG
+    # with a line for every policy
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plots == ["attainment-all.svg", "attainment-batch.svg", "attainment-interactive.svg",
+                     "ttft-cdf-1x.svg", "ttft-cdf-8x.svg"]
+    for name in plots:
+        root = ElementTree.parse(tmp_path / "plots" / name).getroot()
+        lines = root.findall("{http://www.w3.org/2000/svg}polyline")
+        assert len(lines) == 3
 
 
 def test_errors_are_clear(trace, profiles, capsys, tmp_path):

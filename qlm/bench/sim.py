@@ -13,6 +13,7 @@ import pathlib
 import sys
 import time
 
+from qlm.bench.plots import write_plots
 from qlm.core import policies
 from qlm.core.estimator import InstanceThroughput, OutputLengthStats
 from qlm.core.plan_generator import ExactLengths, PlanGenerator
@@ -80,6 +81,8 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
         "goodput_rps": round(sum(met) / span, 4) if span else 0.0,
         "ttft_p50_s": round(percentile(ttft, 0.50), 3),
         "ttft_p99_s": round(percentile(ttft, 0.99), 3),
+        # 0th, 1st, ..., 100th percentile: enough for a CDF plot
+        "ttft_quantiles_s": [round(percentile(ttft, q / 100), 3) for q in range(101)],
         "model_swaps": result.model_swaps,
         "evictions": 0,
         "planner_ms_p99": round(percentile(result.planner_ms, 0.99), 3),
@@ -175,4 +178,7 @@ def main(args) -> int:
     print(table(runs, policy_names))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    if args.plots:
+        written = write_plots(runs, pathlib.Path(args.plots))
+        print(f"plots: {', '.join(str(p) for p in written)}")
     return 0
