@@ -21,7 +21,8 @@ def _ticks(lo: float, hi: float, log: bool) -> list[float]:
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str,
-               ylabel: str, log_x: bool = False, y_range=(0.0, 1.0)) -> str:
+               ylabel: str, log_x: bool = False, y_range=(0.0, 1.0),
+               x_ticks: list[float] | None = None) -> str:
     """An SVG line chart, one line per series, with axes, ticks and a legend."""
     points = [p for pts in series.values() for p in pts]
     xs = [x for x, _ in points if not log_x or x > 0] or [1.0]
@@ -44,7 +45,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, xlab
            f'<text x="{LEFT}" y="22" font-size="14">{html.escape(title)}</text>',
            f'<line x1="{LEFT}" y1="{TOP + h}" x2="{LEFT + w}" y2="{TOP + h}" stroke="black"/>',
            f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + h}" stroke="black"/>']
-    for t in _ticks(x_lo, x_hi, log_x):
+    for t in x_ticks or _ticks(x_lo, x_hi, log_x):
         if x_lo <= t <= x_hi:
             out.append(f'<text x="{px(t):.1f}" y="{TOP + h + 16}" text-anchor="middle">'
                        f'{t:g}</text>')
@@ -83,8 +84,10 @@ def write_plots(runs: list[dict], folder: pathlib.Path) -> list[pathlib.Path]:
             for p in policies
         }
         path = folder / f"attainment-{cls}.svg"
+        loads = sorted({r["load"] for r in runs})
         path.write_text(line_chart(series, title=f"{scenario}: SLO attainment ({cls})",
-                                   xlabel="load (x trace rate)", ylabel="SLO attainment"))
+                                   xlabel="load (x trace rate)", ylabel="SLO attainment",
+                                   log_x=min(loads) > 0, x_ticks=loads))
         written.append(path)
     for load in sorted({r["load"] for r in runs}):
         series = {}
