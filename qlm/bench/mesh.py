@@ -36,6 +36,7 @@ import grpc
 import yaml
 
 from qlm import config as qlm_config
+from qlm.bench import percentile
 from qlm.engines.base import EngineError, EngineRequest
 from qlm.engines.sim import SimEngine, SimProfile
 from qlm.launcher import Stack, check_health, dial_address
@@ -68,12 +69,6 @@ class Sample:
 
 
 # --- measuring -------------------------------------------------------------------------------
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def summarise(samples: list[Sample], errors: int, wall_s: float, max_tokens: int) -> dict:

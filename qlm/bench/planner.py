@@ -8,6 +8,7 @@ import pathlib
 import random
 import time
 
+from qlm.bench import percentile
 from qlm.core import policies
 from qlm.core.estimator import InstanceThroughput
 from qlm.core.plan import GroupView, Snapshot, WorkerView
@@ -63,8 +64,8 @@ def main(args) -> int:
         for name, policy in (("edf", policies.edf), ("qlm", qlm_policy(workers))):
             t = measure(policy, snap, repeats)
             rows.append({"groups": groups, "instances": workers, "policy": name,
-                         "repeats": repeats, "p50_ms": round(t[len(t) // 2], 2),
-                         "p99_ms": round(t[min(len(t) - 1, int(0.99 * len(t)))], 2)})
+                         "repeats": repeats, "p50_ms": round(percentile(t, 50), 2),
+                         "p99_ms": round(percentile(t, 99), 2)})
     print(f"{'groups':>7}{'instances':>10}{'policy':>8}{'runs':>6}{'p50 ms':>9}{'p99 ms':>9}")
     for r in rows:
         print(f"{r['groups']:>7}{r['instances']:>10}{r['policy']:>8}{r['repeats']:>6}"

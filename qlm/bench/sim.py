@@ -13,6 +13,7 @@ import pathlib
 import sys
 import time
 
+from qlm.bench import percentile
 from qlm.bench.plots import write_plots
 from qlm.core import policies
 from qlm.core.estimator import InstanceThroughput, OutputLengthStats
@@ -22,13 +23,6 @@ from qlm.sim import get_scenario, load_trace, scale_load
 from qlm.sim.simulator import SimResult, Simulation
 
 PROFILES = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "profiles" / "gpu"
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def slo_met(r) -> bool:
@@ -70,7 +64,8 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
     by_class: dict[str, list[bool]] = {}
     for r, ok in zip(reqs, met, strict=True):
         by_class.setdefault(r.spec.slo_class, []).append(ok)
-    ttft = [r.first_token_s - r.spec.arrival_s for r in reqs if r.first_token_s is not None]
+    ttft = sorted(r.first_token_s - r.spec.arrival_s for r in reqs
+                  if r.first_token_s is not None)
     return {
         "scenario": scenario, "load": load, "policy": policy,
         "requests": len(reqs), "completed": len(done),
@@ -79,13 +74,13 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
                                     for c, v in sorted(by_class.items())},
         "throughput_rps": round(len(done) / span, 4) if span else 0.0,
         "goodput_rps": round(sum(met) / span, 4) if span else 0.0,
-        "ttft_p50_s": round(percentile(ttft, 0.50), 3),
-        "ttft_p99_s": round(percentile(ttft, 0.99), 3),
+        "ttft_p50_s": round(percentile(ttft, 50), 3),
+        "ttft_p99_s": round(percentile(ttft, 99), 3),
         # 0th, 1st, ..., 100th percentile: enough for a CDF plot
-        "ttft_quantiles_s": [round(percentile(ttft, q / 100), 3) for q in range(101)],
+        "ttft_quantiles_s": [round(percentile(ttft, q), 3) for q in range(101)],
         "model_swaps": result.model_swaps,
         "evictions": 0,
-        "planner_ms_p99": round(percentile(result.planner_ms, 0.99), 3),
+        "planner_ms_p99": round(percentile(sorted(result.planner_ms), 99), 3),
         "plans": result.plans,
         "estimator_coverage": None if coverage is None else round(coverage, 4),
     }
