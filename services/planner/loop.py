@@ -25,8 +25,8 @@ log = logging.getLogger("qlm.planner")
 DEBOUNCE_S = 0.02
 
 
-async def take_snapshot(store: QueueStore) -> Snapshot:
-    workers = await store.alive_workers()
+async def take_snapshot(store: QueueStore, workers: dict[str, dict[str, str]]) -> Snapshot:
+    """The fleet as a policy sees it; `workers` is store.alive_workers()."""
     groups = await store.groups()
     return Snapshot(
         now_ms=await store.now_ms(),
@@ -162,7 +162,8 @@ class PlannerLoop:
         async with self._lock:
             if not self.leader:
                 return None
-            snapshot = await take_snapshot(self.store)
+            workers = await self.store.alive_workers()  # read once: snapshot and pushes
+            snapshot = await take_snapshot(self.store, workers)
             started = time.perf_counter()
             plan = self.policy(snapshot)
             compute_ms = (time.perf_counter() - started) * 1000
@@ -177,12 +178,11 @@ class PlannerLoop:
                 await self.store.publish_admission(
                     {m: s * 1000 for m, s in plan.admission_s.items()})
             previous, self.last_plan, self.last_compute_ms = self.last_plan, plan, compute_ms
-            await self._push(plan, previous, snapshot)
+            await self._push(plan, previous, workers)
             return plan
 
-    async def _push(self, plan: Plan, previous: Plan | None, snapshot: Snapshot) -> None:
+    async def _push(self, plan: Plan, previous: Plan | None, workers: dict) -> None:
         """Sends each worker whose queue changed its action plan (empty for fcfs and edf)."""
-        workers = await self.store.alive_workers()
         calls = []
         for wid, queue in plan.queues.items():
             if previous is not None and previous.queues.get(wid) == queue:
