@@ -4,6 +4,7 @@ discrete-event simulator, all policies on the same requests, fleet and seed in o
 For each load (a multiplier of the trace's arrival rate) and each policy it reports SLO
 attainment (overall and per class), throughput, goodput, TTFT percentiles, model swaps and
 planner time, prints them side by side with ratios to fcfs, and writes them as JSON.
+`qlm-noevict` is qlm with request eviction off, to measure what eviction adds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import pathlib
 import sys
 import time
+
+import yaml
 
 from qlm.bench import percentile
 from qlm.bench.plots import write_plots
@@ -23,6 +26,8 @@ from qlm.sim import get_scenario, load_trace, scale_load
 from qlm.sim.simulator import SimResult, Simulation
 
 PROFILES = pathlib.Path(__file__).resolve().parents[2] / "deploy" / "profiles" / "gpu"
+# KV swap ms per token by profile name (evicted requests resume without recompute)
+KV_SWAP = PROFILES.parent / "kv-swap.yaml"
 
 
 def slo_met(r) -> bool:
@@ -35,13 +40,14 @@ def slo_met(r) -> bool:
     return True
 
 
-POLICY_NAMES = (*policies.NAMES, "qlm", "oracle")
+POLICY_NAMES = (*policies.NAMES, "qlm", "oracle", "qlm-noevict")
 
 
-def make_policy(name: str, fleet, deadlines: dict[str, float]):
+def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
     """A fresh policy for one run: the planner's own ones, or the QLM plan generator (the
-    oracle is the same generator told every output length)."""
-    if name not in ("qlm", "oracle"):
+    oracle is the same generator told every output length). kv_swap_ms: instance -> model ->
+    KV swap ms per token, what resuming an evicted request costs (else a recompute)."""
+    if name not in ("qlm", "oracle", "qlm-noevict"):
         return policies.get(name, deadlines)
     throughput = InstanceThroughput()
     load_s = {}
@@ -51,7 +57,15 @@ def make_policy(name: str, fleet, deadlines: dict[str, float]):
         # swaps are warm starts once a model has run there (the simulator keeps it warm)
         load_s[inst.name] = max(p.warm_load_ms for p in profiles.values()) / 1000
     lengths = ExactLengths() if name == "oracle" else OutputLengthStats()
-    return PlanGenerator(throughput, lengths, swap_s=load_s.__getitem__, name=name)
+    kv = kv_swap_ms or {}
+
+    def resume_s_per_token(worker: str, model: str) -> float:
+        ms = kv.get(worker, {}).get(model)
+        return throughput.prefill_s_per_token(worker, model) if ms is None else ms / 1000
+
+    return PlanGenerator(throughput, lengths, swap_s=load_s.__getitem__, name=name,
+                         max_evictions=0 if name == "qlm-noevict" else 8,
+                         resume_s_per_token=resume_s_per_token)
 
 
 def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
@@ -79,7 +93,7 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
         # 0th, 1st, ..., 100th percentile: enough for a CDF plot
         "ttft_quantiles_s": [round(percentile(ttft, q), 3) for q in range(101)],
         "model_swaps": result.model_swaps,
-        "evictions": 0,
+        "evictions": result.evictions,
         "planner_ms_p99": round(percentile(sorted(result.planner_ms), 99), 3),
         "plans": result.plans,
         "estimator_coverage": None if coverage is None else round(coverage, 4),
@@ -100,6 +114,13 @@ def load_profiles(instances, directory: pathlib.Path) -> list:
     return fleet
 
 
+def load_kv_swap(instances, path: pathlib.Path = KV_SWAP) -> dict[str, dict[str, float]]:
+    """instance -> model -> KV swap ms per token, for the profiles that path lists."""
+    per_profile = yaml.safe_load(path.read_text()) if path.exists() else {}
+    return {inst.name: {m: float(per_profile[p]) for m, p in inst.profiles.items()
+                        if p in per_profile} for inst in instances}
+
+
 def table(runs: list[dict], policies_: list[str]) -> str:
     lines = []
     for load in sorted({r["load"] for r in runs}):
@@ -107,19 +128,21 @@ def table(runs: list[dict], policies_: list[str]) -> str:
         base = rows.get("fcfs")
         lines.append(f"\nload {load:g}x")
         classes = sorted({c for r in rows.values() for c in r["slo_attainment_by_class"]})
-        head = f"{'policy':<10}{'SLO met':>9}{'/fcfs':>7}" + "".join(
+        head = f"{'policy':<12}{'SLO met':>9}{'/fcfs':>7}" + "".join(
             f"{c[:12]:>13}" for c in classes) + f"{'thr rps':>9}{'good rps':>9}" \
-            f"{'TTFT p50':>10}{'TTFT p99':>10}{'swaps':>7}{'plan p99':>10}{'est cov':>9}"
+            f"{'TTFT p50':>10}{'TTFT p99':>10}{'swaps':>7}{'evict':>7}{'plan p99':>10}" \
+            f"{'est cov':>9}"
         lines.append(head)
         for p in policies_:
             r = rows[p]
             ratio = (f"{r['slo_attainment'] / base['slo_attainment']:.2f}"
                      if base and base["slo_attainment"] else "-")
             lines.append(
-                f"{p:<10}{r['slo_attainment']:>9.3f}{ratio:>7}" + "".join(
+                f"{p:<12}{r['slo_attainment']:>9.3f}{ratio:>7}" + "".join(
                     f"{r['slo_attainment_by_class'].get(c, 0):>13.3f}" for c in classes)
                 + f"{r['throughput_rps']:>9.2f}{r['goodput_rps']:>9.2f}"
                 f"{r['ttft_p50_s']:>10.2f}{r['ttft_p99_s']:>10.2f}{r['model_swaps']:>7}"
+                f"{r['evictions']:>7}"
                 f"{r['planner_ms_p99']:>8.2f}ms"
                 + (f"{r['estimator_coverage']:>9.3f}" if r["estimator_coverage"] is not None
                    else f"{'-':>9}"))
@@ -132,6 +155,7 @@ def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], 
     sc = get_scenario(scenario)
     requests = sc.assign(load_trace(trace)[:limit], seed)
     fleet = load_profiles(sc.instances(instances), profiles_dir)
+    kv_swap_ms = load_kv_swap(sc.instances(instances))
     deadlines = {c.name: c.ttft_deadline_s for c in sc.slo_classes.values()}
     runs = []
     total = len(loads) * len(policy_names)
@@ -144,9 +168,9 @@ def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], 
                 bar = "#" * (20 * done // total)
                 print(f"\r[{bar:<20}] {done}/{total} load {load:g} {name:<8} "
                       f"{time.monotonic() - started:6.1f}s", end="", file=sys.stderr, flush=True)
-            policy = make_policy(name, fleet, deadlines)
+            policy = make_policy(name, fleet, deadlines, kv_swap_ms)
             result = Simulation(scaled, fleet, policy, max_group_size=max_group_size,
-                                oracle=name == "oracle").run()
+                                oracle=name == "oracle", kv_swap_ms=kv_swap_ms).run()
             calibration = getattr(policy, "calibration", None)
             runs.append(summarize(result, scenario=scenario, load=load, policy=name,
                                   coverage=calibration.coverage() if calibration else None))

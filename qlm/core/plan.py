@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,30 @@ class GroupView:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunningView:
+    """One request of a worker's batch, as a plan that may evict it needs to know it."""
+
+    id: str
+    slo_class: str
+    # Output tokens so far (>= 1: its first token is out, so its TTFT is settled).
+    generated: int
+    max_tokens: int = 0  # 0: unknown
+    # Prompt plus output so far: what a resume restores (swap-in) or recomputes (prefill).
+    context_tokens: int = 0
+    # When its first token came, Unix ms (0: not yet).
+    first_token_ms: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SloView:
+    """An SLO class's objectives, seconds: time to first token, and per output token after it
+    (None: no TPOT objective)."""
+
+    ttft_s: float
+    tpot_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class WorkerView:
     id: str
     models: tuple[str, ...]
@@ -36,6 +61,9 @@ class WorkerView:
     running_work: tuple[tuple[str, int, int], ...] = ()
     # Seconds until its engine next takes new work (the end of the step under way), if known.
     ready_in_s: float = 0.0
+    # The same batch by request when the snapshot knows their ids (evictions name them), in
+    # running_work's order; empty: the plan evicts nothing here.
+    running_requests: tuple[RunningView, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +71,8 @@ class Snapshot:
     now_ms: float
     groups: tuple[GroupView, ...]
     workers: tuple[WorkerView, ...]
+    # SLO class name -> its objectives; a class missing here is never evicted for, nor evicted
+    slo_classes: Mapping[str, SloView] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -55,3 +85,6 @@ class Plan:
     # model -> seconds a request arriving now would wait behind everything planned (at the
     # policy's confidence), for admission feedback; policies without an estimator leave it empty
     admission_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    # worker id -> running requests to pre-empt now (their group goes back to the queues with
+    # their output kept), so that the group at the head of that worker's queue meets its deadline
+    evictions: dict[str, list[str]] = dataclasses.field(default_factory=dict)

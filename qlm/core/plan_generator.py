@@ -9,6 +9,15 @@ that can meet its deadline nowhere is set aside and queued after all groups that
 least loaded worker: under overload EDF serves hopeless groups first and makes the next ones
 late too (the domino effect); QLM serves what can still be saved.
 
+Request eviction (an LSO): when the group at the head of a worker's queue would miss its
+deadline while requests of a looser class (a longer TTFT objective) hold that worker's batch,
+the plan pre-empts the fewest of them that let the most of the group's requests start in time
+(attainment first, then fewest evictions), at most `max_evictions` per plan. They go back to
+their group with their output kept and resume later (KV swapped to CPU memory where the engine
+can, else recomputed). A running request has its first token, so eviction cannot cost its TTFT;
+it is evicted only if its stall (the whole planned queue, conservatively) plus the resume keeps
+its time per output token within its class's objective, when the class has one.
+
 Like every policy it is a function of a Snapshot; it also learns: the planner (or the
 simulator) reports completed requests (observe) and when groups start (group_started), which
 feeds the output-length statistics and the estimator's calibration.
@@ -28,7 +37,7 @@ from .estimator import (
     WaitEstimate,
     WaitingTimeEstimator,
 )
-from .plan import GroupView, Plan, Snapshot
+from .plan import GroupView, Plan, RunningView, Snapshot, WorkerView
 
 
 class ExactLengths(OutputLengthStats):
@@ -103,14 +112,21 @@ class PlanGenerator:
         swap_s: Callable[[str], float] = lambda worker: 0.0,
         name: str = "qlm",
         candidates: int = 4,
+        max_evictions: int = 8,
+        resume_s_per_token: Callable[[str, str], float] | None = None,
     ):
         self.lengths = lengths or OutputLengthStats()
         self.estimator = WaitingTimeEstimator(self.lengths, throughput)
+        self.confidence = confidence
         self.z = NormalDist().inv_cdf(confidence)
         self.swap_s = swap_s
         self.name = name
         # least loaded workers tried per group, of each kind (any, and no swap needed)
         self.candidates = candidates
+        # evictions one plan may ask for (0: none); (worker, model) -> seconds per context token
+        # to resume an evicted request (KV back from CPU memory); None: it is recomputed
+        self.max_evictions = max_evictions
+        self.resume_s_per_token = resume_s_per_token or throughput.prefill_s_per_token
         self.calibration = Calibration(confidence)
         # the estimate of the plan in force for each group, and when it was made: checked
         # against the group's real wait when it starts (a later plan may move a group back
@@ -179,6 +195,8 @@ class PlanGenerator:
             estimate, wid = min(options, key=lambda o: (o[0].quantile(self.z), o[1]))
             self._place(plan, waits, tail_model, wid, g, queued, estimate, now_s)
             least.update(wid, g.model)
+        if self.max_evictions > 0 and snapshot.slo_classes:
+            self._plan_evictions(snapshot, plan, waits, now_s)
         for model in least.by_model:
             options = [waits[w].next_wait(QueuedGroup(model, "", 1)).quantile(self.z)
                        for w in least.least(model, self.candidates)]
@@ -206,3 +224,88 @@ class PlanGenerator:
         waits[wid].append(queued)
         tail_model[wid] = g.model
         self._latest[g.id] = (estimate, now_s)
+
+    # --- eviction --------------------------------------------------------------------------
+
+    def _plan_evictions(self, snapshot: Snapshot, plan: Plan, waits, now_s: float) -> None:
+        slo = snapshot.slo_classes
+        groups = {g.id: g for g in snapshot.groups}
+        heads = sorted(((groups[q[0]], w) for w in snapshot.workers
+                        if (q := plan.queues[w.id]) and w.running_requests),
+                       key=lambda h: (h[0].deadline_ms, h[0].sequence))
+        left = self.max_evictions
+        for g, w in heads:
+            budget = g.deadline_ms / 1000 - now_s
+            if (left <= 0 or g.queued <= 0 or g.slo_class not in slo or g.model != w.loaded
+                    or budget <= w.ready_in_s or len(w.running_requests) != len(w.running_work)):
+                continue
+            base, _ = self._in_time(w, w.running_requests, g, budget)
+            if base >= g.queued:
+                continue  # no request of it is at risk
+            victims = self._victims(w, g, slo, waits[w.id], now_s)[:min(left, g.queued - base)]
+            if not victims:
+                continue
+
+            def in_time(k: int, w=w, g=g, budget=budget, victims=victims):
+                gone = {v.id for v in victims[:k]}
+                kept = [r for r in w.running_requests if r.id not in gone]
+                return self._in_time(w, kept, g, budget)
+
+            most, _ = in_time(len(victims))
+            if most <= base:
+                continue  # evicting would save no deadline
+            lo, hi = 1, len(victims)  # the fewest evictions that save as many
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if in_time(mid)[0] >= most else (mid + 1, hi)
+            plan.evictions[w.id] = [v.id for v in victims[:lo]]
+            left -= lo
+            # the estimate this plan stands by for the group is the one with the evictions
+            self._latest[g.id] = (in_time(lo)[1], now_s)
+
+    def _in_time(self, w: WorkerView, running, g: GroupView, budget: float):
+        """How many of g's requests start within `budget` at the head of w's queue with
+        `running` (RunningViews) in the batch, and the estimate for its first one. Requests of
+        a group start in order, so the first late one ends the count."""
+        qw = self.estimator.queue(
+            w.id, w.loaded, [(r.slo_class, r.generated, r.max_tokens or None) for r in running],
+            self.swap_s(w.id), w.ready_in_s)
+        one = QueuedGroup(g.model, g.slo_class, 1, round(g.prompt_tokens / g.queued),
+                          g.max_tokens / g.queued if g.max_tokens else None)
+        first = None
+        for n in range(g.queued):
+            estimate = qw.next_wait(one)
+            if first is None:
+                first = estimate
+            if estimate.quantile(self.z) > budget:
+                return n, first
+            qw.append(one)
+        return g.queued, first
+
+    def _victims(self, w: WorkerView, g: GroupView, slo, tail, now_s) -> list[RunningView]:
+        """Running requests of w that g may pre-empt: of a looser class, with their first token
+        out, and whose own objective survives the stall; loosest class first, then the most
+        work left (they would hold their slot longest)."""
+        tight = slo[g.slo_class].ttft_s
+        out = [r for r in w.running_requests
+               if r.generated >= 1 and r.slo_class in slo and slo[r.slo_class].ttft_s > tight
+               and self._keeps_tpot(w, r, slo[r.slo_class].tpot_s, tail, now_s)]
+        return sorted(out, key=lambda r: (
+            -slo[r.slo_class].ttft_s,
+            -self.lengths.moments(w.loaded, r.slo_class, r.max_tokens or None, r.generated)[0]))
+
+    def _keeps_tpot(self, w: WorkerView, r: RunningView, tpot_s, tail, now_s) -> bool:
+        """Whether r still meets its time per output token if it is evicted now and resumes
+        only after everything planned on w (`tail`: that queue's estimator state)."""
+        if tpot_s is None:
+            return True
+        if not r.first_token_ms:
+            return False
+        tp = self.estimator.throughput
+        left = self.lengths.quantile(w.loaded, r.slo_class, self.confidence,
+                                     r.max_tokens or None, r.generated)
+        stall = tail.next_wait(QueuedGroup(w.loaded, r.slo_class, 1, r.context_tokens))
+        finish_s = (now_s - r.first_token_ms / 1000 + stall.quantile(self.z)
+                    + r.context_tokens * self.resume_s_per_token(w.id, w.loaded)
+                    + left * tp.step_s(w.id, w.loaded, max(len(w.running_work), 1)))
+        return finish_s <= tpot_s * max(r.generated + left - 1, 1)

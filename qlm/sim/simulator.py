@@ -14,6 +14,14 @@ An instance runs one model at a time; when the head of its queue (or, with nothi
 most urgent pending group it can serve) needs another model, it drains what it runs and swaps,
 paying the profile's load time: load_ms the first time, warm_load_ms for a model it served
 before (kept in CPU memory: warm start).
+
+Evictions a plan asks for happen at the end of the step under way (an engine changes its batch
+only between steps): the request leaves the batch, frees its KV cache and goes back to the head
+of its group (recreated under its id if it was emptied meanwhile, as return_to_group.lua does)
+with its output so far. Where `kv_swap_ms` names the model, its KV is copied to CPU memory and
+back (that many ms per token of context, each way, added to the step that does it); elsewhere
+it is recomputed on resume (a prefill of its prompt and output so far). Its first token came
+before, so its TTFT stays what it was.
 """
 
 from __future__ import annotations
@@ -24,10 +32,10 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from qlm.core.groups import group_kind
-from qlm.core.plan import GroupView, Plan, Snapshot, WorkerView
+from qlm.core.plan import GroupView, Plan, RunningView, SloView, Snapshot, WorkerView
 from qlm.engines.sim import SimProfile
 from qlm.sim.scenarios import InstanceSpec, SimRequest
 
@@ -37,7 +45,9 @@ Policy = Callable[[Snapshot], Plan]
 @dataclasses.dataclass(eq=False)
 class _Request:
     spec: SimRequest
+    group: str = ""
     generated: int = 0
+    evicted: int = 0  # times it was pre-empted
     start_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
@@ -45,6 +55,15 @@ class _Request:
     @property
     def kv_tokens(self) -> int:
         return self.spec.input_length + self.spec.output_length
+
+    @property
+    def context(self) -> int:
+        """Prompt plus output so far: what it counts as in its group while it waits."""
+        return self.spec.input_length + self.generated
+
+    @property
+    def left(self) -> int:
+        return self.spec.output_length - self.generated
 
 
 @dataclasses.dataclass(eq=False)
@@ -76,6 +95,13 @@ class _Instance:
     busy_until: float = 0.0  # end of the step (or swap) under way
     warm: set[str] = dataclasses.field(default_factory=set)
     swaps: int = 0
+    # model -> ms per token to copy KV to CPU memory or back; a model missing: recomputed
+    kv_swap_ms: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    evicting: list[_Request] = dataclasses.field(default_factory=list)  # at the step's end
+    kv_copy_tokens: int = 0  # KV to copy out or in during the next step
+    # the step event under way: (began, first step s, decode step s, tokens), and its version
+    step: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)
+    step_version: int = 0
 
     @property
     def profile(self) -> SimProfile:
@@ -92,6 +118,7 @@ class SimResult:
     model_swaps: int
     planner_ms: list[float]
     plans: int
+    evictions: int = 0
 
 
 class Simulation:
@@ -107,12 +134,20 @@ class Simulation:
         charge_planner: bool = True,
         fold_steps: bool = True,
         oracle: bool = False,
+        kv_swap_ms: Mapping[str, Mapping[str, float]] | None = None,
     ):
         self.requests = [_Request(r) for r in sorted(requests, key=lambda r: r.arrival_s)]
+        # instance name -> model -> KV swap ms per token (see the module docstring)
+        kv_swap_ms = kv_swap_ms or {}
         self.instances = {
-            spec.name: _Instance(spec, dict(profiles), model=spec.models[0])
+            spec.name: _Instance(spec, dict(profiles), model=spec.models[0],
+                                 kv_swap_ms=dict(kv_swap_ms.get(spec.name, {})))
             for spec, profiles in fleet
         }
+        self.slo_classes = {}
+        for r in self.requests:
+            self.slo_classes.setdefault(
+                r.spec.slo_class, SloView(r.spec.ttft_deadline_s, r.spec.tpot_deadline_s))
         self.policy = policy
         self.max_group_size = max_group_size
         self.plan_interval_s = plan_interval_s
@@ -139,6 +174,7 @@ class Simulation:
         self._installs: list[float] = []  # times of plans computed but not yet installed
         self._done = 0
         self.planner_ms: list[float] = []
+        self.evictions = 0
 
     # --- event loop ------------------------------------------------------------------------
 
@@ -160,6 +196,7 @@ class Simulation:
             model_swaps=sum(i.swaps for i in self.instances.values()),
             planner_ms=self.planner_ms,
             plans=len(self.planner_ms),
+            evictions=self.evictions,
         )
 
     def _next_outside_event_s(self) -> float:
@@ -184,10 +221,14 @@ class Simulation:
             self._at(self.requests[self._next_arrival].spec.arrival_s, "arrive")
         # a request joining a group the plan already holds changes little: the next tick
         # will see it; a new group asks for a plan (until then it waits in the pending pool)
-        if opened and not self._plan_asked and not self._installs:
+        if opened:
+            self._ask_plan()
+        self._kick_all()
+
+    def _ask_plan(self) -> None:
+        if not self._plan_asked and not self._installs:
             self._plan_asked = True
             self._at(self.now + self.plan_debounce_s, "plan")
-        self._kick_all()
 
     def _enqueue(self, req: _Request) -> bool:
         """Adds a request to its group; True when it opened a new group."""
@@ -204,9 +245,26 @@ class Simulation:
         g.deadline_s = min(g.deadline_s, s.deadline_s)
         g.queue.append(req)
         g.joined += 1
-        g.prompt_tokens += s.input_length
-        g.output_tokens += s.output_length
+        g.prompt_tokens += req.context
+        g.output_tokens += req.left
+        req.group = g.id
         return opened
+
+    def _requeue(self, req: _Request) -> None:
+        """An evicted request goes back to the head of its group (return_to_group.lua): one
+        emptied and dropped meanwhile comes back under its id, pending, closed to arrivals."""
+        s = req.spec
+        g = self._groups.get(req.group)
+        if g is None:
+            g = _Group(req.group, int(req.group[1:]), s.model, s.slo_class,
+                       group_kind(s.model, s.slo_class, s.input_length), s.deadline_s)
+            self._groups[g.id] = g
+            self._pending.setdefault(g.model, set()).add(g.id)
+        g.deadline_s = min(g.deadline_s, s.deadline_s)
+        g.queue.appendleft(req)
+        g.joined += 1
+        g.prompt_tokens += req.context
+        g.output_tokens += req.left
 
     def _drop_group(self, g: _Group) -> None:
         del self._groups[g.id]
@@ -236,18 +294,35 @@ class Simulation:
                           max_tokens=g.output_tokens if self.oracle else 0)
                 for g in self._groups.values() if g.queue
             ),
-            workers=tuple(
-                WorkerView(id=i.spec.name, models=i.spec.models,
-                           max_running=i.profile.max_running, running=len(i.running),
-                           loaded=i.model,
-                           ready_in_s=max(0.0, i.busy_until - self.now) if i.busy else 0.0,
-                           running_work=tuple(
-                               (r.spec.slo_class, r.generated,
-                                r.spec.output_length if self.oracle else 0)
-                               for r in i.running))
-                for i in self.instances.values()
-            ),
+            workers=tuple(self._worker_view(i) for i in self.instances.values()),
+            slo_classes=self.slo_classes,
         )
+
+    def _worker_view(self, inst: _Instance) -> WorkerView:
+        # a folded run of steps has produced tokens already: the planner sees them (and when
+        # the step under way ends), as it would stepping one by one
+        done, ready_s = self._progress(inst) if inst.running else (0, inst.busy_until)
+        ready_in_s = max(0.0, ready_s - self.now) if inst.busy else 0.0
+        cap = (lambda r: r.spec.output_length) if self.oracle else (lambda r: 0)
+        return WorkerView(
+            id=inst.spec.name, models=inst.spec.models, max_running=inst.profile.max_running,
+            running=len(inst.running), loaded=inst.model, ready_in_s=ready_in_s,
+            running_work=tuple((r.spec.slo_class, r.generated + done, cap(r))
+                               for r in inst.running),
+            running_requests=tuple(
+                RunningView(str(r.spec.id), r.spec.slo_class, r.generated + done, cap(r),
+                            r.context + done,
+                            r.first_token_s * 1000 if r.generated + done else 0.0)
+                for r in inst.running))
+
+    def _progress(self, inst: _Instance) -> tuple[int, float]:
+        """Of the step event under way: the steps done by now, and when the next one ends."""
+        began, first_s, decode_s, tokens = inst.step
+        done_s = self.now - began - first_s
+        if done_s < 0 or decode_s <= 0:
+            return 0, began + first_s
+        done = min(tokens, 1 + math.floor(done_s / decode_s))
+        return done, min(began + first_s + done * decode_s, inst.busy_until)
 
     def _on_plan(self, _) -> None:
         self._plan_asked = False
@@ -284,6 +359,17 @@ class Simulation:
                 if g is not None and g.vq == name:
                     g.vq = ""
                     self._pending[g.model].add(gid)
+        for name, rids in plan.evictions.items():
+            inst = self.instances.get(name)
+            if inst is None:
+                continue
+            wanted = set(rids)
+            # those that finished since the snapshot are gone; what is left goes at the step's end
+            inst.evicting += [r for r in inst.running
+                              if str(r.spec.id) in wanted and r not in inst.evicting]
+            if inst.evicting and inst.busy:
+                self._cut_step(inst)
+        self._cut_steps_with_room()
         self._kick_all()
 
     # --- instances (worker + engine) --------------------------------------------------------
@@ -307,8 +393,9 @@ class Simulation:
 
     def _pull(self, inst: _Instance) -> tuple[int, str | None]:
         """Moves queued requests of the loaded model into the batch while there is room;
-        returns the prompt tokens admitted and the model to swap to, if the next work needs
-        another one."""
+        returns the prompt tokens to prefill and the model to swap to, if the next work needs
+        another one. A resumed request's KV comes back from CPU memory (kv_copy_tokens) where
+        the instance keeps it, else its prompt and output so far are prefilled again."""
         prefill = 0
         while inst.room() > 0:
             g = self._next_group(inst)
@@ -320,33 +407,79 @@ class Simulation:
             if inst.kv_used + req.kv_tokens > inst.profile.kv_capacity_tokens and inst.running:
                 return prefill, None  # wait for KV to free up
             g.queue.popleft()
-            g.prompt_tokens -= req.spec.input_length
-            g.output_tokens -= req.spec.output_length
+            g.prompt_tokens -= req.context
+            g.output_tokens -= req.left
             if not g.started:
                 g.started = True
                 if self._group_started:
                     self._group_started(g.id, self.now)
             if not g.queue:
                 self._drop_group(g)
-            req.start_s = self.now
+            if req.start_s is None:
+                req.start_s = self.now
             inst.running.append(req)
             inst.kv_used += req.kv_tokens
-            prefill += req.spec.input_length
+            if req.generated and inst.model in inst.kv_swap_ms:
+                inst.kv_copy_tokens += req.context
+            else:
+                prefill += req.context
         return prefill, None
 
+    def _evict(self, inst: _Instance) -> None:
+        """Carries out the evictions planned for this instance (at a step boundary)."""
+        evicting, inst.evicting = inst.evicting, []
+        for req in evicting:
+            if req not in inst.running:
+                continue  # finished meanwhile
+            inst.running.remove(req)
+            inst.kv_used -= req.kv_tokens
+            if inst.model in inst.kv_swap_ms:
+                inst.kv_copy_tokens += req.context
+            req.evicted += 1
+            self.evictions += 1
+            self._requeue(req)
+        if evicting:
+            self._ask_plan()
+            self._cut_steps_with_room()
+
+    def _cut_steps_with_room(self) -> None:
+        """Work appeared (a plan, a requeued request) that instances with room may take at the
+        end of their step under way, not after a folded run of steps."""
+        for inst in self.instances.values():
+            if inst.busy and inst.running and inst.room() > 0:
+                self._cut_step(inst)
+
+    def _cut_step(self, inst: _Instance) -> None:
+        """Ends a folded run of decode steps at the end of the step under way, so that the
+        batch can change there."""
+        began, first_s, decode_s, tokens = inst.step
+        if tokens <= 1 or decode_s <= 0:
+            return
+        done_s = self.now - began - first_s
+        j = 1 if done_s <= 0 else 1 + math.ceil(done_s / decode_s)
+        if j >= tokens:
+            return
+        inst.step = (began, first_s, decode_s, j)
+        inst.step_version += 1
+        inst.busy_until = began + first_s + (j - 1) * decode_s
+        self._at(inst.busy_until, "step", (inst, j, inst.step_version))
+
     def _begin_step(self, inst: _Instance) -> None:
+        self._evict(inst)
         prefill, swap_to = self._pull(inst)
+        copy_ms = inst.kv_copy_tokens * inst.kv_swap_ms.get(inst.model, 0.0)
+        inst.kv_copy_tokens = 0
         if not inst.running:
             if swap_to is not None:
                 self._begin_swap(inst, swap_to)
             return
         p = inst.profile
         batch = len(inst.running)
-        first_s = p.step_ms(prefill, batch) / 1000
+        first_s = (p.step_ms(prefill, batch) + copy_ms) / 1000
         for req in inst.running:
             if req.first_token_s is None:
                 req.first_token_s = self.now + first_s
-        extra = 0
+        extra, decode_s = 0, 0.0
         if self.fold_steps:
             # later steps add one token each at a constant cost while the batch stays the same:
             # until the first request finishes, and, if the instance could still take work,
@@ -358,13 +491,16 @@ class Simulation:
                 if horizon < math.inf:
                     left = min(left, max(0, math.floor(horizon / decode_s)) if decode_s else 0)
             extra = max(0, left)
-            first_s += extra * decode_s
+        inst.step = (self.now, first_s, decode_s, 1 + extra)
+        inst.step_version += 1
         inst.busy = True
-        inst.busy_until = self.now + first_s
-        self._at(self.now + first_s, "step", (inst, 1 + extra))
+        inst.busy_until = self.now + first_s + extra * decode_s
+        self._at(inst.busy_until, "step", (inst, 1 + extra, inst.step_version))
 
     def _on_step(self, arg) -> None:
-        inst, tokens = arg
+        inst, tokens, version = arg
+        if version != inst.step_version:
+            return  # cut short: a later event ends this step
         inst.busy = False
         still = []
         for req in inst.running:

@@ -12,7 +12,7 @@ import grpc
 from qlm.config import StackConfig
 from qlm.core import policies
 from qlm.core.estimator import InstanceThroughput
-from qlm.core.plan import GroupView, Plan, Snapshot, WorkerView
+from qlm.core.plan import GroupView, Plan, RunningView, SloView, Snapshot, WorkerView
 from qlm.core.plan_generator import PlanGenerator
 from qlm.engines.sim import SimProfile
 from qlm.serving import cancel_and_wait
@@ -25,9 +25,11 @@ log = logging.getLogger("qlm.planner")
 DEBOUNCE_S = 0.02
 
 
-async def take_snapshot(store: QueueStore, workers: dict[str, dict[str, str]]) -> Snapshot:
+async def take_snapshot(store: QueueStore, workers: dict[str, dict[str, str]],
+                        config: StackConfig | None = None) -> Snapshot:
     """The fleet as a policy sees it; `workers` is store.alive_workers()."""
     groups = await store.groups()
+    running = await running_requests(store, sorted(workers))
     return Snapshot(
         now_ms=await store.now_ms(),
         groups=tuple(
@@ -38,18 +40,44 @@ async def take_snapshot(store: QueueStore, workers: dict[str, dict[str, str]]) -
                       max_tokens=max(0, int(g.get("max_tokens") or 0)))
             for g in groups if int(g["queued"]) > 0
         ),
-        workers=tuple(_worker_view(wid, info) for wid, info in sorted(workers.items())),
+        workers=tuple(_worker_view(wid, info, running[wid])
+                      for wid, info in sorted(workers.items())),
+        slo_classes={n: SloView(c.ttft_deadline_ms / 1000)
+                     for n, c in (config.slo_classes if config else {}).items()},
     )
 
 
-def _worker_view(wid: str, info: dict[str, str]) -> WorkerView:
+async def running_requests(store: QueueStore, workers: list[str]) -> dict[str, list]:
+    """What each worker runs, by request (the set its claims fill), for the estimator and for
+    evictions, which name them."""
+    pipe = store.client.pipeline(transaction=False)
+    for wid in workers:
+        pipe.smembers(store.key("running", wid))
+    ids = [sorted(rids) for rids in await pipe.execute()]
+    pipe = store.client.pipeline(transaction=False)
+    for rid in (rid for rids in ids for rid in rids):
+        pipe.hmget(store.key("req", rid), "cls", "out", "max_tokens", "prompt_tokens",
+                   "first_token_ms")
+    fields = iter(await pipe.execute())
+    out: dict[str, list[RunningView]] = {}
+    for wid, rids in zip(workers, ids, strict=True):
+        out[wid] = []
+        for rid in rids:
+            cls, n, cap, prompt, first = next(fields)
+            if cls is not None:  # else it ended meanwhile
+                n = int(n or 0)
+                out[wid].append(RunningView(rid, cls, n, int(cap or 0), int(prompt or 0) + n,
+                                            float(first or 0)))
+    return out
+
+
+def _worker_view(wid: str, info: dict[str, str], running: list[RunningView]) -> WorkerView:
     models = tuple(info.get("models", "").split())
-    running = int(info.get("running") or 0)
     return WorkerView(
-        id=wid, models=models, max_running=int(info.get("max_running") or 1), running=running,
-        loaded=models[0] if models else "",
-        # what runs is known by count only: the estimator gives each the prior's length
-        running_work=(("", 0, 0),) * running,
+        id=wid, models=models, max_running=int(info.get("max_running") or 1),
+        running=int(info.get("running") or 0), loaded=models[0] if models else "",
+        running_work=tuple((r.slo_class, r.generated, r.max_tokens) for r in running),
+        running_requests=tuple(running),
     )
 
 
@@ -163,7 +191,7 @@ class PlannerLoop:
             if not self.leader:
                 return None
             workers = await self.store.alive_workers()  # read once: snapshot and pushes
-            snapshot = await take_snapshot(self.store, workers)
+            snapshot = await take_snapshot(self.store, workers, self.config)
             started = time.perf_counter()
             plan = self.policy(snapshot)
             compute_ms = (time.perf_counter() - started) * 1000
@@ -182,17 +210,21 @@ class PlannerLoop:
             return plan
 
     async def _push(self, plan: Plan, previous: Plan | None, workers: dict) -> None:
-        """Sends each worker whose queue changed its action plan (empty for fcfs and edf)."""
+        """Sends each worker whose queue changed, or that must evict, its action plan."""
         calls = []
         for wid, queue in plan.queues.items():
-            if previous is not None and previous.queues.get(wid) == queue:
+            evict = plan.evictions.get(wid, [])
+            if previous is not None and previous.queues.get(wid) == queue and not evict:
                 continue
             address = workers.get(wid, {}).get("address")
             if not address:
                 continue
             stub = worker_pb2_grpc.WorkerStub(self._channel(address))
+            actions = [worker_pb2.Action(evict=worker_pb2.EvictAction(request_id=rid))
+                       for rid in evict]
             calls.append(stub.ApplyPlan(
-                worker_pb2.ActionPlan(epoch=self.epoch, sequence=self.sequence, worker_id=wid),
+                worker_pb2.ActionPlan(epoch=self.epoch, sequence=self.sequence, worker_id=wid,
+                                      actions=actions),
                 timeout=2.0))
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, Exception):
