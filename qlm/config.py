@@ -24,6 +24,11 @@ class ModelConfig:
     max_model_len: int
     # Largest max_tokens a request may ask for.
     max_tokens: int
+    # Real engines: the model's folder (relative to the config file) or hub name.
+    path: str = ""
+    # When set and `path` holds no model, `qlm up` makes a tiny random model there with this
+    # seed (qlm make-tiny-model): the CPU demo and CI need no model hub.
+    tiny_seed: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +114,14 @@ def load(path: str | os.PathLike | None = None) -> StackConfig:
             name=name,
             max_model_len=_positive_int(f"models.{name}", m, "max_model_len"),
             max_tokens=_positive_int(f"models.{name}", m, "max_tokens"),
+            path=str(m.get("path") or ""),
+            tiny_seed=m.get("tiny_seed"),
         )
+        if mc.tiny_seed is not None and (
+                not isinstance(mc.tiny_seed, int) or isinstance(mc.tiny_seed, bool)):
+            raise ConfigError(f"models.{name}.tiny_seed must be an integer")
+        if mc.tiny_seed is not None and not mc.path:
+            raise ConfigError(f"models.{name}: tiny_seed needs a path to write the model to")
         if mc.max_tokens >= mc.max_model_len:
             raise ConfigError(f"models.{name}: max_tokens must be below max_model_len")
         models[name] = mc

@@ -19,6 +19,8 @@ from .procutil import die_with_parent
 from .redis_server import EmbeddedRedis
 
 START_TIMEOUT_S = 60.0
+# a vLLM engine takes 30-45 s to start alone on two CPU cores, longer beside others
+VLLM_START_TIMEOUT_S = 600.0
 
 
 def check_health(address: str, service: str = "", timeout_s: float = 1.0) -> bool:
@@ -52,6 +54,22 @@ def service_commands(cfg: qlm_config.StackConfig) -> list[tuple[str, list[str], 
     return out
 
 
+def make_missing_models(cfg: qlm_config.StackConfig) -> None:
+    """Makes the tiny models (models with a `tiny_seed`) that real-engine workers need and
+    that do not exist yet, so a fresh clone runs the vLLM stack without a model hub."""
+    needed = {m for w in cfg.workers if w.engine != "sim" for m in w.models}
+    for name in sorted(needed):
+        m = cfg.models[name]
+        if m.tiny_seed is None:
+            continue
+        from .engines.tiny_model import is_tiny_model, make_tiny_model
+
+        path = cfg.resolve(m.path)
+        if not is_tiny_model(path):
+            print(f"making tiny model {name!r} (seed {m.tiny_seed}) in {path}", flush=True)
+            make_tiny_model(path, m.tiny_seed)
+
+
 class Stack:
     def __init__(self, cfg: qlm_config.StackConfig):
         self.cfg = cfg
@@ -64,11 +82,14 @@ class Stack:
             self.redis = EmbeddedRedis().start()
             env[qlm_config.REDIS_URL_ENV] = self.redis.url
             print(f"redis: {self.redis.url} (embedded)", flush=True)
+        make_missing_models(self.cfg)
         commands = service_commands(self.cfg)
         for name, argv, _ in commands:
             self.procs.append(
                 (name, subprocess.Popen(argv, env=env, preexec_fn=die_with_parent)))
-        deadline = time.monotonic() + START_TIMEOUT_S
+        timeout_s = (VLLM_START_TIMEOUT_S if any(w.engine == "vllm" for w in self.cfg.workers)
+                     else START_TIMEOUT_S)
+        deadline = time.monotonic() + timeout_s
         waiting = {name: address for name, _, address in commands}
         while waiting:
             for name, proc in self.procs:
@@ -78,7 +99,7 @@ class Stack:
                 if check_health(address, timeout_s=0.5):
                     del waiting[name]
             if time.monotonic() > deadline:
-                raise RuntimeError(f"not healthy after {START_TIMEOUT_S:.0f}s: "
+                raise RuntimeError(f"not healthy after {timeout_s:.0f}s: "
                                    f"{', '.join(waiting)}")
             if waiting:
                 time.sleep(0.2)

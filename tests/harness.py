@@ -70,6 +70,7 @@ class InProcessStack:
         self.planners: list[tuple[PlannerLoop, GrpcServer]] = []
         self.workers: dict[str, tuple[WorkerRunner, GrpcServer]] = {}
         self.channels: list[grpc.aio.Channel] = []
+        self._own_engines: set[str] = set()  # workers whose engine this stack started
 
     def _store(self) -> QueueStore:
         s = QueueStore.connect(self.redis_url, prefix=self.prefix)
@@ -99,11 +100,15 @@ class InProcessStack:
             self.routers.append((service, server))
         return self
 
-    async def start_worker(self, worker_id: str) -> WorkerRunner:
+    async def start_worker(self, worker_id: str, engine=None) -> WorkerRunner:
+        """Starts a worker of the config; with `engine`, on that (started) engine instead of a
+        new one, so tests can share one slow-to-start real engine."""
         address = f"127.0.0.1:{free_port()}"
         w = dataclasses.replace(self.config.worker(worker_id), listen=address, advertise=address)
-        engine = create_engine(w, self.config)
-        await engine.start()
+        if engine is None:
+            engine = create_engine(w, self.config)
+            await engine.start()
+            self._own_engines.add(worker_id)
         runner = WorkerRunner(self.config, w, engine, self._store(), poll_s=0.2)
         server = GrpcServer("qlm.v1.Worker", address)
         worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(runner), server.server)
@@ -116,7 +121,9 @@ class InProcessStack:
     async def stop_worker(self, worker_id: str) -> None:
         runner, server = self.workers.pop(worker_id)
         await runner.stop()
-        await runner.engine.stop()
+        if worker_id in self._own_engines:
+            self._own_engines.discard(worker_id)
+            await runner.engine.stop()
         await server.stop(0)
 
     def address(self, server: GrpcServer) -> str:

@@ -35,7 +35,7 @@ class QueueStore:
 
     SCRIPT_NAMES = (
         "enqueue", "claim", "heartbeat", "expire", "append", "finish", "cancel", "evict",
-        "leader", "install_plan",
+        "count_prompt", "leader", "install_plan",
     )
 
     def __init__(self, client: aioredis.Redis, prefix: str = "qlm:"):
@@ -139,6 +139,11 @@ class QueueStore:
             " ".join(map(str, token_ids)), text,
         )
         return status, detail
+
+    async def count_prompt(self, request_id: str, worker: str, prompt_tokens: int) -> str:
+        """Records the true prompt length of a text prompt the worker tokenized."""
+        status, _ = await self._run("count_prompt", request_id, worker, prompt_tokens)
+        return status
 
     async def evict(self, request_id: str, worker: str) -> tuple[str, str]:
         """Returns a request the worker runs to the head of its group now."""

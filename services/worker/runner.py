@@ -202,6 +202,8 @@ class WorkerRunner:
             prompt = [int(t) for t in f["prompt_ids"].split()]
         else:
             prompt = self.engine.tokenize(f["model"], f["prompt"])
+            if str(len(prompt)) != f.get("prompt_tokens"):  # the router's was an upper bound
+                await self.store.count_prompt(claimed.request_id, self.id, len(prompt))
         generated = await self.store.generated_tokens(claimed.request_id) if int(
             f.get("out") or 0) else []
         return prompt + generated, len(generated)
