@@ -75,6 +75,21 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import asyncio
+
+    from .config import ConfigError
+    from .engines.profile import profile_worker
+
+    command = "qlm profile " + " ".join(sys.argv[2:])
+    try:
+        asyncio.run(profile_worker(args.config, args.worker_id, args.model, args.out, command))
+    except ConfigError as e:
+        print(f"qlm profile: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_bench_mesh(args) -> int:
     from .bench.mesh import main as bench_main
 
@@ -133,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("directory")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("profile", help="measure a vLLM worker's engine and write its profile "
+                       "(read by the sim engine, the simulator and the qlm planner)")
+    p.add_argument("--config", required=True, help="stack config naming the worker")
+    p.add_argument("--worker-id", required=True)
+    p.add_argument("--model", default=None, help="default: the worker's first model")
+    p.add_argument("--out", required=True, help="profile file to write (YAML)")
+    p.set_defaults(func=cmd_profile)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("mesh", help="router throughput and added latency vs the bare engine")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import pathlib
@@ -137,7 +138,9 @@ class VllmEngine(Engine):
         for inst in self.instances.values():
             with contextlib.suppress(Exception):
                 inst.llm.shutdown()
+            inst.llm = None
         self.instances.clear()
+        gc.collect()  # AsyncLLM's __del__ runs now, not at interpreter exit where it fails
         if self._tmp is not None:
             self._tmp.cleanup()
 
