@@ -19,6 +19,7 @@ import yaml
 from qlm.bench import percentile
 from qlm.bench.plots import write_plots
 from qlm.core import policies
+from qlm.core.cpsat import RefinedPlanGenerator
 from qlm.core.estimator import InstanceThroughput, OutputLengthStats
 from qlm.core.plan_generator import ExactLengths, PlanGenerator
 from qlm.engines.sim import SimProfile
@@ -40,14 +41,14 @@ def slo_met(r) -> bool:
     return True
 
 
-POLICY_NAMES = (*policies.NAMES, "qlm", "oracle", "qlm-noevict")
+POLICY_NAMES = (*policies.NAMES, "qlm", "oracle", "qlm-noevict", "qlm-cpsat")
 
 
 def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
     """A fresh policy for one run: the planner's own ones, or the QLM plan generator (the
     oracle is the same generator told every output length). kv_swap_ms: instance -> model ->
     KV swap ms per token, what resuming an evicted request costs (else a recompute)."""
-    if name not in ("qlm", "oracle", "qlm-noevict"):
+    if name not in ("qlm", "oracle", "qlm-noevict", "qlm-cpsat"):
         return policies.get(name, deadlines)
     throughput = InstanceThroughput()
     load_s = {}
@@ -63,9 +64,11 @@ def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
         ms = kv.get(worker, {}).get(model)
         return throughput.prefill_s_per_token(worker, model) if ms is None else ms / 1000
 
-    return PlanGenerator(throughput, lengths, swap_s=load_s.__getitem__, name=name,
-                         max_evictions=0 if name == "qlm-noevict" else 8,
-                         resume_s_per_token=resume_s_per_token)
+    generator = PlanGenerator(throughput, lengths, swap_s=load_s.__getitem__, name=name,
+                              max_evictions=0 if name == "qlm-noevict" else 8,
+                              resume_s_per_token=resume_s_per_token)
+    # qlm-cpsat: the same greedy plan, then CP-SAT's refinement of it (qlm/core/cpsat.py)
+    return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator
 
 
 def summarize(result: SimResult, *, scenario: str, load: float, policy: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -11,6 +12,7 @@ import grpc
 
 from qlm.config import StackConfig
 from qlm.core import policies
+from qlm.core.cpsat import RefinedPlanGenerator
 from qlm.core.estimator import InstanceThroughput
 from qlm.core.plan import GroupView, Plan, RunningView, SloView, Snapshot, WorkerView
 from qlm.core.plan_generator import PlanGenerator
@@ -84,7 +86,7 @@ def _worker_view(wid: str, info: dict[str, str], running: list[RunningView]) -> 
 def build_policy(config: StackConfig, name: str) -> policies.Policy:
     """The policy called `name`; `qlm` gets an estimator fed with the workers' engine
     profiles (from the stack config: sim workers name theirs)."""
-    if name != "qlm":
+    if name not in ("qlm", "qlm-cpsat"):
         return policies.get(
             name, {c.name: c.ttft_deadline_ms for c in config.slo_classes.values()})
     throughput = InstanceThroughput()
@@ -98,7 +100,9 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
         load_s[w.id] = profile.warm_load_ms / 1000  # swaps between warmed models
     if not load_s:
         raise ValueError("the qlm policy needs engine profiles: no worker of the config has one")
-    return PlanGenerator(throughput, swap_s=lambda wid: load_s.get(wid, 0.0))
+    generator = PlanGenerator(throughput, swap_s=lambda wid: load_s.get(wid, 0.0), name=name)
+    # qlm-cpsat: CP-SAT refines each greedy plan once it is in force (plan_once)
+    return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator
 
 
 class PlannerLoop:
@@ -193,7 +197,7 @@ class PlannerLoop:
             workers = await self.store.alive_workers()  # read once: snapshot and pushes
             snapshot = await take_snapshot(self.store, workers, self.config)
             started = time.perf_counter()
-            plan = self.policy(snapshot)
+            plan = getattr(self.policy, "greedy", self.policy)(snapshot)
             compute_ms = (time.perf_counter() - started) * 1000
             self.sequence += 1
             ok, epoch_now = await self.store.install_plan(
@@ -207,7 +211,30 @@ class PlannerLoop:
                     {m: s * 1000 for m, s in plan.admission_s.items()})
             previous, self.last_plan, self.last_compute_ms = self.last_plan, plan, compute_ms
             await self._push(plan, previous, workers)
+            refine = getattr(self.policy, "refine", None)
+            if refine is not None:
+                return await self._refine(refine, snapshot, plan, workers) or plan
             return plan
+
+    async def _refine(self, refine, snapshot: Snapshot, plan: Plan, workers) -> Plan | None:
+        """CP-SAT's refinement of the plan just installed, in a thread under its time budget:
+        workers pull in the greedy plan's order meanwhile, so dispatch never waits for it. The
+        refined plan goes in only when it scores higher; its evictions went with the first."""
+        started = time.perf_counter()
+        refined = await asyncio.to_thread(refine, snapshot, plan)
+        if refined is None:
+            return None
+        refined = dataclasses.replace(refined, evictions={})
+        self.sequence += 1
+        ok, _ = await self.store.install_plan(
+            self.id, self.epoch, self.sequence, self.policy_name,
+            (time.perf_counter() - started) * 1000, refined.queues)
+        if not ok:
+            self.epoch = 0
+            return None
+        self.last_plan = refined
+        await self._push(refined, plan, workers)
+        return refined
 
     async def _push(self, plan: Plan, previous: Plan | None, workers: dict) -> None:
         """Sends each worker whose queue changed, or that must evict, its action plan."""
