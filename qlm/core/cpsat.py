@@ -227,6 +227,8 @@ class CpSatRefiner:
                 break
             heads[w] = greedy.queues[w][:min(k, room)]
             room -= len(heads[w])
+        if not any(heads.values()):
+            return Refinement(greedy, PlanScore(0, 0, 0), PlanScore(0, 0, 0), "SKIPPED")
         # a worker that evicts for its head group keeps that group at its head
         pinned = {w for w, ev in greedy.evictions.items() if ev and greedy.queues.get(w)}
         model = _Model(self, sc, heads, {w: q[len(heads[w]):] for w, q in
@@ -287,20 +289,7 @@ class _Model:
         groups, workers = sc.groups, sc.workers
         home = {g: w for w, q in heads.items() for g in q}
 
-        # where each head group may go: home, or one of the least loaded workers (requests
-        # ahead per batch slot, a cheap measure) that serve its model and have room left
-        ahead = {w: (v.running + sum(groups[g].queued for g in heads[w] + tails[w]))
-                 / max(1, v.max_running) for w, v in workers.items()}
-        by_load = sorted(workers, key=lambda w: (ahead[w], w))
-        nodes = {w: len(q) for w, q in heads.items()}
-        where = {}
-        for g in sorted(home, key=lambda g: (groups[g].deadline_ms, g)):
-            others = [w for w in by_load if w != home[g] and groups[g].model in workers[w].models
-                      and nodes[w] < ref.max_nodes and (heads[w] or w not in pinned)]
-            others = others[:ref.moves]
-            where[g] = [home[g], *others]
-            for w in others:
-                nodes[w] += 1
+        where, nodes = self._where(ref, home, pinned)
         tp = self.gen.estimator.throughput
         self.batch = {(w, mo): tp.batch(w, mo) for w, v in workers.items() for mo in v.models}
         for w, q in heads.items():  # the batches of the hint's segments
@@ -332,6 +321,9 @@ class _Model:
         v_horizon = max(n.first_var for n in reach) + max(self.drain_var.values()) + sum(
             max(self.num(g, w).var + self.num(g, w).drain_var for w in where[g]) for g in home)
         r_horizon = sum(max(self.num(g, w).se for w in where[g]) for g in home)
+        # (and never below the hint's own values, whatever rounding did)
+        horizon = max(horizon, *(max(h.S, h.F, h.D) + 1 for h in self.hint.values()))
+        v_horizon = max(v_horizon, *(h.V for h in self.hint.values()))
         self.vars = {g: _State(m.new_int_var(0, horizon, f"s_{g}"),
                                m.new_int_var(0, 2 * horizon, f"f_{g}"),
                                m.new_int_var(0, 2 * horizon, f"d_{g}"),
@@ -342,40 +334,8 @@ class _Model:
 
         for w in workers:
             nodes_w = [g for g in home if w in where[g]]
-            if not nodes_w:
-                continue
-            q = heads[w]
-            index = {None: 0, **{g: i + 1 for i, g in enumerate(nodes_w)}}
-            arcs = [(0, 0, self._bool(f"empty_{w}", not q))]
-            E = None
-            if tails[w]:
-                E = m.new_int_var(0, 2 * horizon + self.end[w], f"end_{w}")
-                self.hints.append((E, self.end[w]))
-                self._link_tail(arcs[0][2], w, None, E)
-                self._tail_slack(w, E)
-            for g in nodes_w:
-                here = self._bool(f"on_{g}_{w}", home[g] == w)
-                on[g].append(here)
-                arcs.append((index[g], index[g], ~here))
-                for prev in [None, *nodes_w]:
-                    if prev != g:
-                        hinted = _follows(q, prev, g)
-                        lit = self._bool(f"arc_{prev}_{g}_{w}", hinted)
-                        arcs.append((index[prev], index[g], lit))
-                        self._link(lit, w, prev, g)
-                        if w in pinned and prev is None and hinted:
-                            m.add(lit == 1)
-                        if prev is not None and not hinted:
-                            # a group that misses its deadline anyway delays whoever comes
-                            # after it: some plan as good has it behind the groups that meet
-                            # theirs (the greedy plan's own arcs stay, so the hint holds)
-                            m.add_bool_or([~lit, self.met[prev], ~self.met[g]])
-                lit = self._bool(f"last_{g}_{w}", q[-1:] == [g])
-                arcs.append((index[g], 0, lit))
-                if E is not None:
-                    self._link_tail(lit, w, g, E)
-            m.add_circuit(arcs)
-            self.circuits[w] = (nodes_w, arcs)
+            if nodes_w:
+                self._circuit(w, nodes_w, home, on, w in pinned, horizon)
 
         for g in home:
             m.add_exactly_one(on[g])
@@ -388,6 +348,63 @@ class _Model:
         m.maximize(big * sum(wt * lit for lit, wt in self.weights) - sum(self.swaps))
         for var, value in self.hints:
             m.add_hint(var, value)
+
+    def _where(self, ref: CpSatRefiner, home: dict, pinned) -> tuple[dict, dict]:
+        """Where each head group may go: home, or one of the `moves` least loaded workers
+        (requests ahead per batch slot, a cheap measure) that serve its model and have room
+        (fewer than `max_nodes` groups); a worker evicting for a group outside the model
+        takes none. Also how many groups each worker may get."""
+        groups, workers, heads, tails = self.sc.groups, self.sc.workers, self.heads, self.tails
+        ahead = {w: (v.running + sum(groups[g].queued for g in heads[w] + tails[w]))
+                 / max(1, v.max_running) for w, v in workers.items()}
+        by_load = sorted(workers, key=lambda w: (ahead[w], w))
+        nodes = {w: len(q) for w, q in heads.items()}
+        where = {}
+        for g in sorted(home, key=lambda g: (groups[g].deadline_ms, g)):
+            others = [w for w in by_load if w != home[g] and groups[g].model in workers[w].models
+                      and nodes[w] < ref.max_nodes and (heads[w] or w not in pinned)]
+            where[g] = [home[g], *others[:ref.moves]]
+            for w in where[g][1:]:
+                nodes[w] += 1
+        return where, nodes
+
+    def _circuit(self, w: str, nodes: list, home: dict, on: dict, pinned: bool,
+                 horizon: int) -> None:
+        """w's virtual queue: a circuit through the groups it may take, each arc bringing
+        the constraints of one group right after another, and the tail behind the last."""
+        m, q = self.cp, self.heads[w]
+        index = {None: 0, **{g: i + 1 for i, g in enumerate(nodes)}}
+        arcs = [(0, 0, self._bool(f"empty_{w}", not q))]
+        E = None
+        if self.tails[w]:
+            E = m.new_int_var(0, 2 * horizon + self.end[w], f"end_{w}")
+            self.hints.append((E, self.end[w]))
+            self._link_tail(arcs[0][2], w, None, E)
+            self._tail_slack(w, E)
+        for g in nodes:
+            here = self._bool(f"on_{g}_{w}", home[g] == w)
+            on[g].append(here)
+            arcs.append((index[g], index[g], ~here))
+            for prev in [None, *nodes]:
+                if prev == g:
+                    continue
+                hinted = _follows(q, prev, g)
+                lit = self._bool(f"arc_{prev}_{g}_{w}", hinted)
+                arcs.append((index[prev], index[g], lit))
+                self._link(lit, w, prev, g)
+                if pinned and prev is None and hinted:
+                    m.add(lit == 1)  # its head group evicts for it: it stays the head
+                if prev is not None and not hinted:
+                    # a group that misses its deadline anyway delays whoever comes after
+                    # it: some plan as good has it behind the groups that meet theirs
+                    # (the greedy plan's own arcs stay, so the hint holds)
+                    m.add_bool_or([~lit, self.met[prev], ~self.met[g]])
+            lit = self._bool(f"last_{g}_{w}", q[-1:] == [g])
+            arcs.append((index[g], 0, lit))
+            if E is not None:
+                self._link_tail(lit, w, g, E)
+        m.add_circuit(arcs)
+        self.circuits[w] = (nodes, arcs)
 
     def num(self, g: str, w: str) -> _Numbers:
         if (g, w) not in self._n:
