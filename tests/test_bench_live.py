@@ -48,6 +48,8 @@ def test_bench_live_replays_every_request_through_the_stack(tmp_path):
             assert 0 < f["ttft_p50_s"] <= f["ttft_p99_s"]
             assert f["throughput_rps"] > 0
         assert 0 <= lv["server_slo_attainment"] <= 1
+        lo, hi = sim["slo_attainment_band"]
+        assert 0 <= lo <= sim["slo_attainment"] <= hi <= 1
         assert lv["cpu_s"]["router"] > 0 and lv["cpu_s"]["worker w0"] > 0
         diffs = [row["diff"]["slo_attainment"], *row["diff"]["slo_attainment_by_class"].values()]
         assert row["max_attainment_diff"] == pytest.approx(max(abs(d) for d in diffs), abs=1e-4)

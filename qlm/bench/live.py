@@ -54,6 +54,7 @@ DURATIONS = ("prefill_ms_per_token", "decode_step_ms", "decode_ms_per_seq", "loa
 CHANNELS = 8  # client connections to the router; streams are spread over them
 MAX_GROUP_SIZE = 32
 PLAN_DEBOUNCE_S = 0.02  # the planner service's (services/planner/loop.py DEBOUNCE_S)
+SPEED_BAND = 0.05  # engine speed change for the simulator's sensitivity band
 REDIS_POOL = 4096  # Redis connections each service may open (see run_stack)
 
 
@@ -203,6 +204,18 @@ def simulate(requests: list[SimRequest], fleet, policy: str, scenario, s: float,
     return row
 
 
+def sim_band(requests, fleet, policy, scenario, s, interval_s, at_speed: float) -> list[float]:
+    """The simulator's attainment range when its engines run SPEED_BAND slower or faster, as
+    live engines on a busy machine do: a yardstick for the live-sim difference (an overloaded
+    fleet's attainment can move by more than the tolerance for a few percent of speed)."""
+    found = [at_speed]
+    for factor in (1 - SPEED_BAND, 1 + SPEED_BAND):
+        changed = [(i, {m: scaled_profile(p, factor) for m, p in ps.items()}) for i, ps in fleet]
+        found.append(simulate(requests, changed, policy, scenario, s, interval_s,
+                              PLAN_DEBOUNCE_S)["slo_attainment"])
+    return [min(found), max(found)]
+
+
 # --- the live replay -------------------------------------------------------------------------
 
 
@@ -346,16 +359,20 @@ def run_stack(config_path: pathlib.Path, requests: list[SimRequest], policy: str
                      for i, pid in enumerate(child_pids() - set(pids.values()))})
         pids["client"] = os.getpid()
         cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
+        load0 = os.getloadavg()[0]
         outcomes, wall = asyncio.run(replay(
             dial_address(cfg.router_listen), requests, f"live-{policy}", timeout_s,
             progress=f"live {policy}" if progress else ""))
         cpu = {n: round(cpu_seconds(p) - cpu0[n], 2) for n, p in pids.items()}
+        # the machine is shared: what else ran shows in its load average
+        loadavg = [round(load0, 2), round(os.getloadavg()[0], 2)]
     finally:
         stack.stop()
         redis.stop()
     row = live_row(requests, outcomes, s)
     row["wall_s"] = round(wall, 2)
     row["cpu_s"] = cpu
+    row["loadavg_1m"] = loadavg
     # share of the machine's cores the stack and the client kept busy
     row["cpu_busy"] = round(sum(cpu.values()) / wall / (os.cpu_count() or 1), 3) if wall else 0
     return row
@@ -390,6 +407,8 @@ def run(trace: list[TraceRequest], trace_name: str, scenario_name: str, policies
             path = write_stack_config(pathlib.Path(folder), scenario, fleet, policy, s)
             live = run_stack(path, requests, policy, s, timeout_s, progress, redis_pool)
             sim = simulate(requests, fleet, policy, scenario, s, interval_s, PLAN_DEBOUNCE_S)
+            sim["slo_attainment_band"] = sim_band(requests, fleet, policy, scenario, s,
+                                                  interval_s, sim["slo_attainment"])
             rows.append({"scenario": scenario_name, "load": load, "policy": policy,
                          "live": live, "sim": sim, **compare(live, sim, tolerance)})
     return {
@@ -423,11 +442,13 @@ def table(report: dict) -> str:
     for r in report["rows"]:
         for source in ("live", "sim"):
             f = r[source]
-            note = ""
+            lo, hi = r["sim"]["slo_attainment_band"]
+            note = f"engines ±{SPEED_BAND:.0%}: {lo:.3f}-{hi:.3f}"
             if source == "live":
                 bad = {k: v for k, v in f["statuses"].items() if k != "length"}
                 note = (f"{f['completed']}/{f['requests']} whole" + (f" {bad}" if bad else "")
-                        + f", cpu {f['cpu_busy']:.0%}, {f['wall_s']:.0f} s")
+                        + f", cpu {f['cpu_busy']:.0%}, load {max(f['loadavg_1m']):.1f}, "
+                        f"{f['wall_s']:.0f} s")
             lines.append(
                 f"{r['policy']:<9}{source:<7}{f['slo_attainment']:>8.3f}"
                 + "".join(f"{f['slo_attainment_by_class'].get(c, 0):>12.3f}" for c in classes)
