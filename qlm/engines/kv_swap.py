@@ -73,6 +73,9 @@ class KVSwapConnector(KVConnectorBase_V1):
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
         self.swap_dir = pathlib.Path(extra.get("swap_dir", "/tmp/qlm-kv-swap"))
         self.swap_dir.mkdir(parents=True, exist_ok=True)
+        # CPU memory for saved KV, in tokens: past it the oldest saves are dropped (their
+        # requests recompute on resume, which is correct, only slower)
+        self.capacity_tokens = int(extra.get("capacity_tokens", 1 << 20))
         # scheduler side: key -> token ids whose KV is (or is being) held in CPU memory
         self.saved: dict[str, list[int]] = {}
         self.pending = SwapMetadata()
@@ -134,6 +137,12 @@ class KVSwapConnector(KVConnectorBase_V1):
             return False, params
         if key in self.saved:
             self.pending.drops.append(key)
+            del self.saved[key]
+        while self.saved and sum(map(len, self.saved.values())) + computed > self.capacity_tokens:
+            oldest = next(iter(self.saved))  # dicts keep insertion order
+            del self.saved[oldest]
+            self.pending.drops.append(oldest)
+            self.totals["dropped"] = self.totals.get("dropped", 0) + 1
         self.saved[key] = list(request.all_token_ids[:computed])
         self.pending.saves.append((key, request.request_id, list(blocks)))
         self.totals["saves"] += 1

@@ -57,6 +57,7 @@ class VllmOptions:
     prefix_caching: bool = True
     enforce_eager: bool = True
     kv_swap: bool = True  # evicted requests keep their KV blocks in CPU memory
+    kv_swap_tokens: int = 1 << 20  # at most this many tokens of it, per model
     seed: int = 0
     swap_dir: str = ""  # where evict intents and connector counters live ("" = temp)
 
@@ -172,7 +173,8 @@ class VllmEngine(Engine):
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(o.kv_cache_gib))
         kv_transfer = KVTransferConfig(
             kv_connector="KVSwapConnector", kv_connector_module_path="qlm.engines.kv_swap",
-            kv_role="kv_both", kv_connector_extra_config={"swap_dir": str(swap_dir)},
+            kv_role="kv_both", kv_connector_extra_config={"swap_dir": str(swap_dir),
+                                       "capacity_tokens": o.kv_swap_tokens},
         ) if o.kv_swap else None
         args = AsyncEngineArgs(
             model=model.path, max_model_len=model.max_model_len, max_num_seqs=o.max_num_seqs,
