@@ -185,10 +185,12 @@ def test_the_cap_holds_in_every_plan():
         sizes.append(sum(map(len, plan.evictions.values())))
         return plan
 
+    policy.group_started, policy.observe = inner.group_started, inner.observe
     requests = [req(i, 0.0, 2000) for i in range(4)] + [
         req(10 + i, 1.0005, 20, "interactive", 2.0) for i in range(4)]
     res = simulate(requests, policy, kv_swap_ms=0.001)
     assert max(sizes) == 2 and res.evictions == sum(sizes) == 4
+    assert inner.calibration.count > 0  # the estimates with evictions are checked too
     assert met(res) == 8
     assert all(r.generated == r.spec.output_length for r in res.requests)
 

@@ -25,6 +25,7 @@ feeds the output-length statistics and the estimator's calibration.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Callable
 from statistics import NormalDist
@@ -239,48 +240,60 @@ class PlanGenerator:
             if (left <= 0 or g.queued <= 0 or g.slo_class not in slo or g.model != w.loaded
                     or budget <= w.ready_in_s or len(w.running_requests) != len(w.running_work)):
                 continue
-            base, _ = self._in_time(w, w.running_requests, g, budget)
-            if base >= g.queued:
-                continue  # no request of it is at risk
-            victims = self._victims(w, g, slo, waits[w.id], now_s)[:min(left, g.queued - base)]
+            victims = self._victims(w, g, slo, waits[w.id], now_s)
             if not victims:
                 continue
+            base = self._in_time(w, w.running_requests, g, budget)
+            if base >= g.queued:
+                continue  # no request of it is at risk
+            victims = victims[:min(left, g.queued - base)]
 
-            def in_time(k: int, w=w, g=g, budget=budget, victims=victims):
+            def kept(k: int, w=w, victims=victims) -> list[RunningView]:
                 gone = {v.id for v in victims[:k]}
-                kept = [r for r in w.running_requests if r.id not in gone]
-                return self._in_time(w, kept, g, budget)
+                return [r for r in w.running_requests if r.id not in gone]
 
-            most, _ = in_time(len(victims))
+            most = self._in_time(w, kept(len(victims)), g, budget)
             if most <= base:
                 continue  # evicting would save no deadline
             lo, hi = 1, len(victims)  # the fewest evictions that save as many
             while lo < hi:
                 mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if in_time(mid)[0] >= most else (mid + 1, hi)
+                lo, hi = (lo, mid) if self._in_time(w, kept(mid), g, budget) >= most else (
+                    mid + 1, hi)
             plan.evictions[w.id] = [v.id for v in victims[:lo]]
             left -= lo
             # the estimate this plan stands by for the group is the one with the evictions
-            self._latest[g.id] = (in_time(lo)[1], now_s)
+            estimate = self._head_queue(w, kept(lo)).next_wait(self._one(g))
+            self._latest[g.id] = (estimate, now_s)
 
     def _in_time(self, w: WorkerView, running, g: GroupView, budget: float):
         """How many of g's requests start within `budget` at the head of w's queue with
-        `running` (RunningViews) in the batch, and the estimate for its first one. Requests of
-        a group start in order, so the first late one ends the count."""
-        qw = self.estimator.queue(
+        `running` (RunningViews) in the batch. Requests of a group start in order, so the first
+        late one ends the count."""
+        one = self._one(g)
+        if g.queued > 1:
+            # the common case first, in O(1) estimates: even its last request is in time
+            qw = self._head_queue(w, running)
+            qw.append(dataclasses.replace(one, queued=g.queued - 1))
+            if qw.next_wait(one).quantile(self.z) <= budget:
+                return g.queued
+        qw = self._head_queue(w, running)
+        for n in range(g.queued):
+            if qw.next_wait(one).quantile(self.z) > budget:
+                return n
+            qw.append(one)
+        return g.queued
+
+    @staticmethod
+    def _one(g: GroupView) -> QueuedGroup:
+        """One request of g, of its average size."""
+        return QueuedGroup(g.model, g.slo_class, 1, round(g.prompt_tokens / g.queued),
+                           g.max_tokens / g.queued if g.max_tokens else None)
+
+    def _head_queue(self, w: WorkerView, running):
+        return self.estimator.queue(
             w.id, w.loaded, [(r.slo_class, r.generated, r.max_tokens or None) for r in running],
             self.swap_s(w.id), w.ready_in_s)
-        one = QueuedGroup(g.model, g.slo_class, 1, round(g.prompt_tokens / g.queued),
-                          g.max_tokens / g.queued if g.max_tokens else None)
-        first = None
-        for n in range(g.queued):
-            estimate = qw.next_wait(one)
-            if first is None:
-                first = estimate
-            if estimate.quantile(self.z) > budget:
-                return n, first
-            qw.append(one)
-        return g.queued, first
 
     def _victims(self, w: WorkerView, g: GroupView, slo, tail, now_s) -> list[RunningView]:
         """Running requests of w that g may pre-empt: of a looser class, with their first token
