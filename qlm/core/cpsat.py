@@ -192,14 +192,16 @@ class CpSatRefiner:
     worker or move to one of `moves` others that serve its model (the least loaded, each
     taking groups while it has fewer than `max_nodes`).
 
-    budget_s bounds CP-SAT's search (None: until it proves the plan optimal); building the
-    model and scoring its plan come on top, a few milliseconds per refined worker. quick
+    budget_s bounds CP-SAT's search (None: until it proves the plan optimal); 0.2 s is what
+    kept every small instance of `qlm bench planner` within 5% of the optimum on a busy
+    shared machine (docs/benchmarks.md). Building the model and scoring its plan come on
+    top, a few milliseconds per refined worker. quick
     (None: when there is a budget) skips presolve and the LP relaxation: each can take a
     short budget by itself, and measured on small instances the search finds better plans
     sooner without them; from a complete feasible hint it cannot end below the hint anyway.
     workers: CP-SAT's search threads (the planner shares its machine)."""
 
-    def __init__(self, generator: PlanGenerator, *, budget_s: float | None = 0.1,
+    def __init__(self, generator: PlanGenerator, *, budget_s: float | None = 0.2,
                  head: int = 6, max_groups: int = 36, moves: int = 2, max_nodes: int = 12,
                  workers: int = 1, quick: bool | None = None):
         self.gen = generator
