@@ -114,6 +114,12 @@ def cmd_bench_planner(args) -> int:
     return bench_main(args)
 
 
+def cmd_bench_engine(args) -> int:
+    from .bench.engine import main as bench_main
+
+    return bench_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,6 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_bench_planner)
+
+    from .bench.engine import add_arguments as engine_arguments
+
+    p = bench.add_parser("engine", help="the real engine (vLLM): head-of-line blocking bare vs "
+                         "through the mesh, mesh overhead, resume vs recompute, cold vs warm start")
+    engine_arguments(p)
+    p.set_defaults(func=cmd_bench_engine)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["test"]:  # everything after `test` is pytest's, options included
