@@ -95,6 +95,10 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
         if "profile" not in w.options:
             continue  # measured profiles of real engines come with the vllm engine
         profile = SimProfile.load(config.resolve(str(w.options["profile"])))
+        seqs = w.options.get("max_num_seqs")
+        if isinstance(seqs, int) and 0 < seqs < profile.max_running:
+            # the worker runs fewer sequences than the engine it was measured on allowed
+            profile = dataclasses.replace(profile, max_running=seqs)
         for m in w.models:
             throughput.set_profile(w.id, m, profile)
         load_s[w.id] = profile.warm_load_ms / 1000  # swaps between warmed models

@@ -1,0 +1,32 @@
+"""The qlm planner's cost model comes from the workers' measured engine profiles, adjusted to
+how each worker is configured."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qlm import config as qlm_config
+from qlm.engines.sim import SimProfile
+from services.planner.loop import build_policy
+
+from .harness import ROOT
+
+
+def test_vllm_stack_plans_with_the_measured_profile_and_the_workers_batch_limit(tmp_path):
+    cfg = qlm_config.load(ROOT / "deploy" / "vllm-cpu.yaml")
+    measured = SimProfile.load(ROOT / "deploy" / "profiles" / "vllm-cpu-tiny.yaml")
+    policy = build_policy(cfg, "qlm")
+    tp = policy.estimator.throughput
+    # the shipped config runs as many sequences as the profile was measured with
+    assert tp.batch("w0", "small") == measured.max_running
+    assert policy.swap_s("w0") == measured.warm_load_ms / 1000
+
+    # a worker limited to fewer sequences than the profile's engine is planned with its limit
+    w0 = dataclasses.replace(cfg.workers[0], options={**cfg.workers[0].options,
+                                                      "max_num_seqs": 4})
+    profile_path = cfg.resolve(cfg.workers[0].options["profile"])
+    w0.options["profile"] = str(profile_path)
+    narrow = dataclasses.replace(cfg, workers=(w0, *cfg.workers[1:]))
+    tp = build_policy(narrow, "qlm").estimator.throughput
+    assert tp.batch("w0", "small") == 4
+    assert tp.batch("w1", "large") == measured.max_running
