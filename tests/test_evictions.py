@@ -91,6 +91,21 @@ def test_no_eviction_that_would_not_save_the_deadline():
     assert generator(max_evictions=0)(snapshot(busy())).evictions == {}
 
 
+def test_no_eviction_on_an_overloaded_worker():
+    # g2 behind the head starts at ~18.5 s: due at 25 s it is in time and the head may evict;
+    # due at 17 s it is late already, and the victims' resumed work would make it later still
+    def plan(g2_due_s):
+        g1 = snapshot(busy()).groups[0]
+        g2 = GroupView(id="g2", model="m", slo_class="batch", deadline_ms=int(g2_due_s * 1000),
+                       sequence=2, queued=4, prompt_tokens=40, max_tokens=400)
+        return generator()(Snapshot(now_ms=0, groups=(g1, g2), workers=(busy(),),
+                                    slo_classes=SLO))
+
+    assert plan(25.0).queues["w0"] == plan(17.0).queues["w0"] == ["g1", "g2"]
+    assert plan(25.0).evictions == {"w0": ["r0"]}
+    assert plan(17.0).evictions == {}
+
+
 def test_keeps_a_victims_time_per_output_token():
     tight_tpot = {**SLO, "batch": SloView(3600.0, tpot_s=0.011)}
     assert generator()(snapshot(busy(), slo=tight_tpot)).evictions == {}
