@@ -6,7 +6,9 @@ into a temporary folder and fails when they differ from what is committed.
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
+import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -18,13 +20,16 @@ def proto_files() -> list[pathlib.Path]:
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Writes qlm/v1/*_pb2.py, *_pb2.pyi and *_pb2_grpc.py below out_dir; returns them."""
-    import grpc_tools
-    from grpc_tools import protoc
+    """Writes qlm/v1/*_pb2.py, *_pb2.pyi and *_pb2_grpc.py below out_dir; returns them.
 
-    include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
+    protoc runs in a process of its own: its native protobuf runtime aborts the process when
+    another one (OR-Tools', in the planner) is loaded beside it."""
+    spec = importlib.util.find_spec("grpc_tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("grpcio-tools is not installed (the `test` extra)")
+    include = pathlib.Path(next(iter(spec.submodule_search_locations))) / "_proto"
     args = [
-        "grpc_tools.protoc",
+        sys.executable, "-m", "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out_dir}",
@@ -32,8 +37,9 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
         f"--grpc_python_out={out_dir}",
         *[str(p.relative_to(PROTO_ROOT)) for p in proto_files()],
     ]
-    if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed: " + " ".join(args))
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"protoc failed: {' '.join(args)}\n{result.stderr}")
     return sorted((out_dir / "qlm" / "v1").glob("*_pb2*.py*"))
 
 
