@@ -48,6 +48,7 @@ def test_bench_live_replays_every_request_through_the_stack(tmp_path):
             assert 0 < f["ttft_p50_s"] <= f["ttft_p99_s"]
             assert f["throughput_rps"] > 0
         assert 0 <= lv["server_slo_attainment"] <= 1
+        assert lv["requeues"] >= 0 and sim["requeues"] >= 0
         lo, hi = sim["slo_attainment_band"]
         assert 0 <= lo <= sim["slo_attainment"] <= hi <= 1
         assert lv["cpu_s"]["router"] > 0 and lv["cpu_s"]["worker w0"] > 0

@@ -3,15 +3,15 @@ real planner service, a router, sim workers, each its own process), one stack pe
 the same run, beside the discrete-event simulator's figures for the very same requests.
 
 Time scaling. Everything that takes time is multiplied by one factor `s` (--time-scale): the
-engine profiles' durations (so the workers' engines step s times faster than the hardware they
-model), the arrival times, the SLO deadlines and the planner's cadence. The workers run
+engine profiles' durations (a step of the modelled hardware takes s times as long here), the
+arrival times, the SLO deadlines and the planner's cadence. The workers run
 time_scale 1 on the scaled profiles rather than time_scale s on the original ones because the
 planner builds its waiting-time estimator from the profile files and does not read time_scale:
 with scaled profiles the engine, the estimator and the deadlines share one clock. The simulator
 runs that same scaled world (scaled profiles, arrivals, deadlines and plan cadence), so the
-only differences left are the ones worth measuring: processes, Redis round trips, gRPC, and a
-shared CPU. TTFTs are reported in trace seconds (measured seconds divided by s); attainment is
-unit-free.
+only differences left are the stack's own: processes, Redis round trips, gRPC, how workers
+claim work, and a shared CPU. TTFTs are reported in trace seconds (measured seconds divided
+by s); attainment is unit-free.
 
 The comparison is within ATTAINMENT_TOLERANCE (absolute, overall and per class; see
 docs/benchmarks.md for how it was chosen).
@@ -199,6 +199,7 @@ def simulate(requests: list[SimRequest], fleet, policy: str, scenario, s: float,
     span = max(r.finish_s for r in ordered) - min(r.spec.arrival_s for r in ordered)
     row = figures(requests, ttfts, oks, span, s)
     row["planner_ms_p99"] = round(percentile(sorted(result.planner_ms), 99), 3)
+    row["requeues"] = result.evictions
     row["start_to_first_token_p99_s"] = round(percentile(sorted(
         (r.first_token_s - r.start_s) / s for r in ordered), 99), 3)
     return row
@@ -232,6 +233,8 @@ class Outcome:
     server_wait_ms: float = 0.0
     server_ttft_ms: float = 0.0
     server_slo_met: bool = False
+    # times the stack sent it back to its group (evicted, or its worker's lease lapsed)
+    requeues: int = 0
 
 
 async def replay(address: str, requests: list[SimRequest], tag: str, timeout_s: float,
@@ -286,10 +289,28 @@ async def replay(address: str, requests: list[SimRequest], tag: str, timeout_s: 
         for task in pending:  # cancelling the call cancels the request in the stack
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        await read_requeues(stubs, requests, outcomes, tag)
     finally:
         for c in channels:
             await c.close()
     return outcomes, loop.time() - t0
+
+
+async def read_requeues(stubs, requests: list[SimRequest], outcomes: list[Outcome],
+                        tag: str) -> None:
+    """Asks the router how often each request went back to its group (GetRequest)."""
+    limit = asyncio.Semaphore(32)
+
+    async def one(i: int, r: SimRequest) -> None:
+        async with limit:
+            try:
+                info = await stubs[i % len(stubs)].GetRequest(
+                    router_pb2.GetRequestRequest(request_id=f"{tag}-{r.id}"), timeout=10)
+                outcomes[i].requeues = info.requeues
+            except grpc.aio.AioRpcError:
+                pass  # never stored (refused at submit): nothing to count
+
+    await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
 
 
 def live_row(requests: list[SimRequest], outcomes: list[Outcome], s: float) -> dict:
@@ -312,6 +333,7 @@ def live_row(requests: list[SimRequest], outcomes: list[Outcome], s: float) -> d
         "completed": sum(t is not None for t in ttfts),
         "statuses": statuses,
         "tokens": sum(o.tokens for o in outcomes),
+        "requeues": sum(o.requeues for o in outcomes),
         # the mesh's own account (Redis clock, arrival to first token stored)
         "server_slo_attainment": round(
             sum(o.server_slo_met for o in outcomes) / len(outcomes), 4) if outcomes else 0.0,
@@ -443,10 +465,11 @@ def table(report: dict) -> str:
         for source in ("live", "sim"):
             f = r[source]
             lo, hi = r["sim"]["slo_attainment_band"]
-            note = f"engines ±{SPEED_BAND:.0%}: {lo:.3f}-{hi:.3f}"
+            note = f"{f['requeues']} requeued; engines ±{SPEED_BAND:.0%}: {lo:.3f}-{hi:.3f}"
             if source == "live":
                 bad = {k: v for k, v in f["statuses"].items() if k != "length"}
                 note = (f"{f['completed']}/{f['requests']} whole" + (f" {bad}" if bad else "")
+                        + f", {f['requeues']} requeued"
                         + f", cpu {f['cpu_busy']:.0%}, load {max(f['loadavg_1m']):.1f}, "
                         f"{f['wall_s']:.0f} s")
             lines.append(
