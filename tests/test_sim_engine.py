@@ -439,6 +439,7 @@ workers:
   - {id: w1, listen: "127.0.0.1:2", engine: sim, models: [small], profile: profiles/p.yaml}
   - {id: w2, listen: "127.0.0.1:3", engine: vllm, models: [small]}
   - {id: w3, listen: "127.0.0.1:4", engine: sim, models: [small], profile: p.yaml, scale: 2}
+  - {id: w4, listen: "127.0.0.1:5", engine: tgi, models: [small]}
 """
     )
     stack = config.load(tmp_path / "stack.yaml")
@@ -446,11 +447,30 @@ workers:
     assert isinstance(w0, SimEngine) and w0.kind == "sim"
     assert w0.time_scale == 0.5 and w0.models() == ["small"] and w0.profile == PROFILE
     assert create_engine(stack.worker("w1"), stack).time_scale == 1.0
-    with pytest.raises(EngineError, match="vllm"):
-        create_engine(stack.worker("w2"), stack)
+    with pytest.raises(ConfigError, match="needs the model's `path`"):
+        create_engine(stack.worker("w2"), stack)  # a real engine needs weights to load
+    with pytest.raises(EngineError, match="unknown engine kind 'tgi'"):
+        create_engine(stack.worker("w4"), stack)
     with pytest.raises(ConfigError, match="scale"):
         create_engine(stack.worker("w3"), stack)
 
     default = config.load()
     engine = create_engine(default.worker("w0"), default)
     assert engine.profile == SimProfile.load(PROFILES / "sim-small.yaml")
+
+
+async def test_requests_waiting_for_kv_leave_no_free_slots(make_engine):
+    engine = await make_engine(time_scale=1.0, kv_capacity_tokens=160, max_running=8)
+    # Each reserves 50 tokens: two run (100 used), then a third fits (150 used) and a fourth
+    # waits: 10 tokens are free, so the KV is not full, but what waits already needs more.
+    tasks = [asyncio.create_task(run(engine, req(f"r{i}", max_tokens=40, prompt="0123456789")))
+             for i in range(2)]
+    await until(lambda: engine.stats().running == 2)
+    assert engine.free_slots() == 6
+    more = [asyncio.create_task(run(engine, req(f"w{i}", max_tokens=40, prompt="0123456789")))
+            for i in range(2)]
+    await until(lambda: engine.stats().running == 3 and engine.stats().waiting == 1)
+    assert engine.stats().kv_used_tokens == 150
+    assert engine.free_slots() == 0  # batch room left, but what waits already fills the KV
+    for t in tasks + more:
+        t.cancel()

@@ -167,7 +167,11 @@ class SimEngine(Engine):
         return list(self._served)
 
     def free_slots(self) -> int:
-        if self._kv_used >= self.profile.kv_capacity_tokens:
+        # Like vLLM's: what is already waiting for KV room counts as used, so a worker claims
+        # no more than fits and the rest stays in the mesh's queues, where the plan orders it
+        # and another worker can take it (not stuck in this engine's internal queue).
+        waiting_kv = sum(seq.kv_tokens for seq in self._waiting.values())
+        if self._kv_used + waiting_kv >= self.profile.kv_capacity_tokens:
             return 0
         return max(0, self.profile.max_running - len(self._running) - len(self._waiting))
 

@@ -47,8 +47,12 @@ class QueueStore:
 
     @classmethod
     def connect(cls, url: str, prefix: str = "qlm:", **kwargs) -> QueueStore:
-        client = aioredis.Redis.from_url(url, decode_responses=True, **kwargs)
-        return cls(client, prefix)
+        # A blocking pool: redis-py's default pool raises once 100 connections are out, so a
+        # worker streaming 100+ requests lost appends and heartbeats; this one waits instead.
+        kwargs.setdefault("max_connections", 512)
+        kwargs.setdefault("timeout", 5.0)  # seconds to wait for a free connection
+        pool = aioredis.BlockingConnectionPool.from_url(url, decode_responses=True, **kwargs)
+        return cls(aioredis.Redis.from_pool(pool), prefix)
 
     async def close(self) -> None:
         await self.client.aclose()
