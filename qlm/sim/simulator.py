@@ -18,10 +18,10 @@ before (kept in CPU memory: warm start).
 Evictions a plan asks for happen at the end of the step under way (an engine changes its batch
 only between steps): the request leaves the batch, frees its KV cache and goes back to the head
 of its group (recreated under its id if it was emptied meanwhile, as return_to_group.lua does)
-with its output so far. Where `kv_swap_ms` names the model, its KV is copied to CPU memory and
-back (that many ms per token of context, each way, added to the step that does it); elsewhere
-it is recomputed on resume (a prefill of its prompt and output so far). Its first token came
-before, so its TTFT stays what it was.
+with its output so far. Where `kv_swap_ms` names the model, its KV is copied to the instance's
+CPU memory and back when it resumes there (that many ms per token of context, each way, added
+to the step that does it); resumed elsewhere, or without a swap cost, it is recomputed (a
+prefill of its prompt and output so far). Its first token came before, so its TTFT stays.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class _Request:
     group: str = ""
     generated: int = 0
     evicted: int = 0  # times it was pre-empted
+    kv_at: str = ""  # the instance whose CPU memory holds its KV while it waits
     start_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
@@ -395,7 +396,7 @@ class Simulation:
         """Moves queued requests of the loaded model into the batch while there is room;
         returns the prompt tokens to prefill and the model to swap to, if the next work needs
         another one. A resumed request's KV comes back from CPU memory (kv_copy_tokens) where
-        the instance keeps it, else its prompt and output so far are prefilled again."""
+        this instance keeps it, else its prompt and output so far are prefilled again."""
         prefill = 0
         while inst.room() > 0:
             g = self._next_group(inst)
@@ -419,10 +420,11 @@ class Simulation:
                 req.start_s = self.now
             inst.running.append(req)
             inst.kv_used += req.kv_tokens
-            if req.generated and inst.model in inst.kv_swap_ms:
+            if req.kv_at == inst.spec.name:
                 inst.kv_copy_tokens += req.context
             else:
                 prefill += req.context
+            req.kv_at = ""
         return prefill, None
 
     def _evict(self, inst: _Instance) -> None:
@@ -435,6 +437,7 @@ class Simulation:
             inst.kv_used -= req.kv_tokens
             if inst.model in inst.kv_swap_ms:
                 inst.kv_copy_tokens += req.context
+                req.kv_at = inst.spec.name
             req.evicted += 1
             self.evictions += 1
             self._requeue(req)
