@@ -351,3 +351,42 @@ async def test_admission_feedback_tells_a_client_its_deadline_is_at_risk(redis_s
             await stack.router().Cancel(router_pb2.CancelRequest(request_id=s.request_id))
     finally:
         await stack.stop()
+
+
+async def test_admission_feedback_is_per_slo_class(redis_server, tmp_path):
+    # interactive requests are planned ahead of queued batch groups: a minute of batch backlog
+    # delays them by one slot's turn, not by the minute
+    profile = tmp_path / "two-slots.yaml"
+    profile.write_text((PROFILES / "sim-small.yaml").read_text().replace(
+        "max_running: 64", "max_running: 2"))
+    path = write_config(tmp_path, workers=[{"id": "w0", **SMALL, "profile": str(profile),
+                                            "time_scale": 1.0}],
+                        planner={"interval_ms": 50, "policy": "qlm"})
+    stack = await InProcessStack(redis_server.url, path).start()
+    try:
+        backlog = [await stack.router().Submit(gen(f"b{i}", 2000, slo_class="batch"))
+                   for i in range(24)]
+        published = {}
+        for _ in range(100):  # until a plan has seen the whole backlog
+            published = await stack.store.admission()
+            if ({"small|interactive", "small|batch"} <= published.keys()
+                    and float(published.get("small", 0)) > 60_000):
+                break
+            await asyncio.sleep(0.05)
+        behind_all = float(published["small"])
+        assert behind_all > 60_000  # the model's estimate: behind everything planned
+        assert float(published["small|batch"]) > 60_000
+        await stack.routers[0][0].admission.refresh()
+        chat = await stack.router().Submit(gen("chat", 4, slo_class="interactive"))
+        assert chat.HasField("admission") and not chat.admission.deadline_at_risk
+        assert chat.admission.estimated_wait_ms < 20_000 < behind_all
+        # a batch request with its own 5 s deadline: no class is that tight, so it is read
+        # behind everything planned, and flagged
+        hurried = await stack.router().Submit(gen("hurried", 4, slo_class="batch",
+                                                  ttft_deadline_ms=5000))
+        assert hurried.admission.deadline_at_risk
+        assert hurried.admission.estimated_wait_ms > 60_000
+        for s in [*backlog, chat, hurried]:
+            await stack.router().Cancel(router_pb2.CancelRequest(request_id=s.request_id))
+    finally:
+        await stack.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from qlm.core import policies
 from qlm.core.estimator import InstanceThroughput
-from qlm.core.plan import GroupView, Snapshot, WorkerView
+from qlm.core.plan import GroupView, SloView, Snapshot, WorkerView
 from qlm.core.plan_generator import ExactLengths, PlanGenerator
 from qlm.engines.sim import SimProfile
 
@@ -106,3 +106,39 @@ def test_plan_says_how_long_a_new_request_would_wait():
     # 4 groups of 4 x 500 tokens on 4 + 4 slots, plus w0's running batch: a new request waits
     assert busy.admission_s["m"] > 4.0
     assert policies.edf(Snapshot(now_ms=0, groups=(), workers=(worker("w0"),))).admission_s == {}
+
+
+def test_admission_per_class_counts_only_the_groups_due_before_the_class_deadline():
+    gen = generator()
+    gen.slo_deadlines_s = {"interactive": 20.0, "batch": 600.0}
+    now = 1000.0
+
+    def due(gid, cls, in_s, queued=4, tokens=500):
+        return GroupView(id=gid, model="m", slo_class=cls, deadline_ms=int((now + in_s) * 1000),
+                         sequence=int(gid[1:]), queued=queued, max_tokens=queued * tokens)
+
+    # a minute of batch backlog (12 groups x 4 x 500 tokens on 4 slots at 10 ms a step = 60 s)
+    # and one interactive group due in 10 s, ahead of it
+    backlog = tuple(due(f"g{i}", "batch", 300.0 + i) for i in range(1, 13))
+    plan = gen(Snapshot(now_ms=now * 1000, groups=(due("g0", "interactive", 10.0), *backlog),
+                        workers=(worker("w0"),)))
+    by_class = plan.admission_by_class_s["m"]
+    # an interactive request goes behind g0 only (at most 5 s), a batch one behind everything
+    assert 0.0 < by_class["interactive"] <= 5.0
+    assert 60.0 < by_class["batch"] <= plan.admission_s["m"]
+
+    # a late group is set aside behind everything that can meet its deadline; a new request of
+    # a class that can is placed ahead of it
+    lost = due("g99", "interactive", -5.0, queued=32, tokens=2000)
+    plan = gen(Snapshot(now_ms=now * 1000, groups=(lost, due("g1", "interactive", 15.0)),
+                        workers=(worker("w0"),)))
+    assert plan.queues["w0"] == ["g1", "g99"]
+    assert plan.admission_by_class_s["m"]["interactive"] <= 5.0
+    assert plan.admission_by_class_s["m"]["batch"] <= 5.0
+    assert plan.admission_s["m"] > 100.0  # the model's: behind everything planned
+
+
+def test_admission_per_class_defaults_to_the_snapshot_classes():
+    snap = Snapshot(now_ms=0, groups=(), workers=(worker("w0"),),
+                    slo_classes={"interactive": SloView(20.0), "batch": SloView(60.0)})
+    assert generator()(snap).admission_by_class_s == {"m": {"interactive": 0.0, "batch": 0.0}}

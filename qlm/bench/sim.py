@@ -66,7 +66,7 @@ def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
 
     generator = PlanGenerator(throughput, lengths, swap_s=load_s.__getitem__, name=name,
                               max_evictions=0 if name == "qlm-noevict" else 8,
-                              resume_s_per_token=resume_s_per_token)
+                              resume_s_per_token=resume_s_per_token, slo_deadlines_s=deadlines)
     # qlm-cpsat: the same greedy plan, then CP-SAT's refinement of it (qlm/core/cpsat.py)
     return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator
 

@@ -85,6 +85,9 @@ class Plan:
     # model -> seconds a request arriving now would wait behind everything planned (at the
     # policy's confidence), for admission feedback; policies without an estimator leave it empty
     admission_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    # model -> SLO class -> the same wait for a request of that class: it is planned by its
+    # deadline, so it waits only behind groups due before it (and no late ones, which go last)
+    admission_by_class_s: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     # worker id -> running requests to pre-empt now (their group goes back to the queues with
     # their output kept), so that the group at the head of that worker's queue meets its deadline
     evictions: dict[str, list[str]] = dataclasses.field(default_factory=dict)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from statistics import NormalDist
 
 from .estimator import (
@@ -117,6 +117,7 @@ class PlanGenerator:
         candidates: int = 4,
         max_evictions: int = 8,
         resume_s_per_token: Callable[[str, str], float] | None = None,
+        slo_deadlines_s: Mapping[str, float] | None = None,
     ):
         self.lengths = lengths or OutputLengthStats()
         self.estimator = WaitingTimeEstimator(self.lengths, throughput)
@@ -130,6 +131,9 @@ class PlanGenerator:
         # to resume an evicted request (KV back from CPU memory); None: it is recomputed
         self.max_evictions = max_evictions
         self.resume_s_per_token = resume_s_per_token or throughput.prefill_s_per_token
+        # SLO class -> its TTFT objective, seconds: where in the plan a new request of each
+        # class would go, for admission feedback (None: the snapshot's classes)
+        self.slo_deadlines_s = slo_deadlines_s
         self.calibration = Calibration(confidence)
         # the estimate of the plan in force for each group, and when it was made: checked
         # against the group's real wait when it starts (a later plan may move a group back
@@ -170,7 +174,13 @@ class PlanGenerator:
 
         late: list[GroupView] = []
         ordered = sorted(snapshot.groups, key=lambda g: (g.deadline_ms, g.sequence))
+        # a new request of a class is due at now + its objective: it goes in behind the groups
+        # due before that, so its wait is read when the deadline order passes that point
+        admit = sorted(((snapshot.now_ms + s * 1000, c) for c, s in self._deadlines(snapshot)),
+                       reverse=True)
         for i, g in enumerate(ordered):
+            while admit and g.deadline_ms > admit[-1][0]:
+                self._admission(plan, admit.pop()[1], waits, least)
             candidates = least.least(g.model, self.candidates)
             if not candidates:
                 plan.unplaced.append(g.id)
@@ -191,6 +201,8 @@ class PlanGenerator:
             self._place(plan, waits, tail_model, best, g, queued, best_estimate, now_s)
             least.update(best, g.model)
 
+        while admit:  # due after every group: still ahead of the late ones
+            self._admission(plan, admit.pop()[1], waits, least)
         for g in late:  # after everything that can still meet its deadline
             queued = self._queued(g)
             options = [(waits[w].next_wait(queued), w)
@@ -206,6 +218,19 @@ class PlanGenerator:
             if options:
                 plan.admission_s[model] = min(options)
         return plan
+
+    def _deadlines(self, snapshot: Snapshot):
+        if self.slo_deadlines_s is not None:
+            return self.slo_deadlines_s.items()
+        return ((c, v.ttft_s) for c, v in snapshot.slo_classes.items())
+
+    def _admission(self, plan: Plan, slo_class: str, waits, least: _LeastLoaded) -> None:
+        """The wait of a request of `slo_class` for each model, were it placed now."""
+        for model in least.by_model:
+            options = [waits[w].next_wait(QueuedGroup(model, slo_class, 1)).quantile(self.z)
+                       for w in least.least(model, self.candidates)]
+            if options:
+                plan.admission_by_class_s.setdefault(model, {})[slo_class] = min(options)
 
     def _worth_deferring(self, g, wid, lateness_s, following, now_s) -> bool:
         """Setting a late group aside helps only the groups it would delay: if even the next

@@ -12,6 +12,12 @@ SCRIPTS = pathlib.Path(__file__).resolve().parent / "scripts"
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 
 
+def admission_field(model: str, slo_class: str = "") -> str:
+    """A field of the `admission` hash: MODEL, or MODEL|CLASS for one SLO class (readers look
+    fields up by this name, they never split one)."""
+    return f"{model}|{slo_class}" if slo_class else model
+
+
 def script_source(name: str) -> str:
     """A script's text with its `-- @include NAME` lines replaced by include/NAME.lua."""
     text = (SCRIPTS / f"{name}.lua").read_text()
@@ -179,11 +185,16 @@ class QueueStore:
         )
         return res[0] == "ok", (res[1] if len(res) > 1 else "")
 
-    async def publish_admission(self, waits_ms: dict[str, float]) -> None:
-        """The planner's estimate of the wait a new request of each model would see."""
+    async def publish_admission(self, waits_ms: dict[str, float],
+                                by_class_ms: dict[str, dict[str, float]] | None = None) -> None:
+        """The planner's estimate of the wait a new request of each model would see: behind
+        everything planned (field MODEL), and by SLO class, behind what is due before it
+        (field MODEL|CLASS, see admission_field)."""
         now = await self.now_ms()
+        per_class = {admission_field(m, c): w for m, ws in (by_class_ms or {}).items()
+                     for c, w in ws.items()}
         await self.client.hset(self.key("admission"), mapping={
-            **{m: f"{w:.1f}" for m, w in waits_ms.items()}, "@at_ms": now})
+            **{f: f"{w:.1f}" for f, w in {**waits_ms, **per_class}.items()}, "@at_ms": now})
 
     async def admission(self) -> dict[str, str]:
         return await self.client.hgetall(self.key("admission"))

@@ -104,7 +104,9 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
         load_s[w.id] = profile.warm_load_ms / 1000  # swaps between warmed models
     if not load_s:
         raise ValueError("the qlm policy needs engine profiles: no worker of the config has one")
-    generator = PlanGenerator(throughput, swap_s=lambda wid: load_s.get(wid, 0.0), name=name)
+    generator = PlanGenerator(
+        throughput, swap_s=lambda wid: load_s.get(wid, 0.0), name=name,
+        slo_deadlines_s={c.name: c.ttft_deadline_ms / 1000 for c in config.slo_classes.values()})
     # qlm-cpsat: CP-SAT refines each greedy plan once it is in force (plan_once)
     return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator
 
@@ -212,7 +214,9 @@ class PlannerLoop:
                 return None
             if plan.admission_s:
                 await self.store.publish_admission(
-                    {m: s * 1000 for m, s in plan.admission_s.items()})
+                    {m: s * 1000 for m, s in plan.admission_s.items()},
+                    {m: {c: s * 1000 for c, s in ws.items()}
+                     for m, ws in plan.admission_by_class_s.items()})
             previous, self.last_plan, self.last_compute_ms = self.last_plan, plan, compute_ms
             await self._push(plan, previous, workers)
             refine = getattr(self.policy, "refine", None)

@@ -1,5 +1,13 @@
 """Admission feedback: the planner's latest estimate of how long a new request of each model
-would wait, read from Redis in the background so accepting a request costs no round trip."""
+and SLO class would wait, read from Redis in the background so accepting a request costs no
+round trip.
+
+The planner places a request by its deadline, so its wait depends on its class: it goes ahead
+of groups due later. A request with an explicit deadline tighter than its class's is read at
+the nearest class deadline not looser than its own: that position is behind no more groups
+than its real one, so the estimate errs towards "in time", and a request flagged at risk is
+at risk. With no class that tight, the model's estimate stands: behind everything planned, it
+errs the other way."""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ import logging
 import time
 
 from qlm.serving import cancel_and_wait
-from qlm.state.store import QueueStore
+from qlm.state.store import QueueStore, admission_field
 from qlm.v1 import router_pb2
 
 log = logging.getLogger("qlm.router")
@@ -17,8 +25,11 @@ REFRESH_S = 0.25
 
 
 class AdmissionFeedback:
-    def __init__(self, store: QueueStore):
+    def __init__(self, store: QueueStore, class_deadlines_ms: dict[str, int] | None = None):
         self.store = store
+        # SLO class -> its TTFT objective, and the classes loosest first
+        self._deadline_ms = dict(class_deadlines_ms or {})
+        self._loosest_first = sorted(self._deadline_ms.items(), key=lambda c: (-c[1], c[0]))
         self._waits: dict[str, float] = {}
         self._age_ms = 0.0  # age of the estimates when read
         self._read_at = 0.0  # time.monotonic() of that read
@@ -52,8 +63,16 @@ class AdmissionFeedback:
                 log.debug("admission estimates unavailable: %s", e)
             await asyncio.sleep(REFRESH_S)
 
-    def for_request(self, model: str, ttft_budget_ms: int) -> router_pb2.Admission | None:
-        wait = self._waits.get(model)
+    def _wait(self, model: str, slo_class: str, ttft_budget_ms: int) -> float | None:
+        own = self._deadline_ms.get(slo_class)
+        if own is not None and ttft_budget_ms < own:  # an explicit deadline, tighter
+            slo_class = next((c for c, d in self._loosest_first if d <= ttft_budget_ms), "")
+        wait = self._waits.get(admission_field(model, slo_class)) if slo_class else None
+        return self._waits.get(model) if wait is None else wait
+
+    def for_request(self, model: str, slo_class: str,
+                    ttft_budget_ms: int) -> router_pb2.Admission | None:
+        wait = self._wait(model, slo_class, ttft_budget_ms)
         if wait is None:
             return None
         age = self._age_ms + (time.monotonic() - self._read_at) * 1000

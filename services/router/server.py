@@ -49,7 +49,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.store = store
         self.router_id = router_id or uuid.uuid4().hex[:12]
         self.relay = Relay(store, self.router_id)
-        self.admission = AdmissionFeedback(store)
+        self.admission = AdmissionFeedback(
+            store, {c.name: c.ttft_deadline_ms for c in config.slo_classes.values()})
         self._cancels: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -101,7 +102,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 await self.store.watch(request_id, self.router_id)
             yield router_pb2.GenerateResponse(
                 request_id=request_id,
-                admission=self.admission.for_request(admitted.model, admitted.ttft_budget_ms))
+                admission=self.admission.for_request(admitted.model, admitted.slo_class,
+                                                     admitted.ttft_budget_ms))
             async for message in self.relay.stream(request_id, queue, 0, catch_up=not created):
                 yield message
             finished = True
@@ -128,7 +130,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         created = await self._enqueue(admitted, context, watch=False)
         return router_pb2.SubmitResponse(
             request_id=admitted.request_id, created=created,
-            admission=self.admission.for_request(admitted.model, admitted.ttft_budget_ms))
+            admission=self.admission.for_request(admitted.model, admitted.slo_class,
+                                                 admitted.ttft_budget_ms))
 
     async def Watch(self, request, context):
         if not request.request_id:
