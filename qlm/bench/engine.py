@@ -17,7 +17,6 @@ the 2 cores with the engine. See docs/benchmarks.md for what the figures mean.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -340,74 +339,14 @@ def write_config(folder: pathlib.Path, redis_url: str, policy: str, args,
     return path
 
 
-class Mesh:
-    """Router, planner and one worker in this process, the worker on an already started engine
-    (as in tests/test_vllm_engine.py)."""
+async def start_mesh(config_path: pathlib.Path, redis_url: str, engine):
+    """Router, planner and worker w0 in this process, the worker on the bench's engine."""
+    from qlm.inprocess import InProcessStack
 
-    def __init__(self, config_path: pathlib.Path, redis_url: str, engine):
-        self.config = qlm_config.load(config_path)
-        self.redis_url, self.engine = redis_url, engine
-        self.prefix = f"bench{uuid.uuid4().hex[:8]}:"
-        self.stores, self.servers, self.stops = [], [], []
-
-    def _store(self):
-        from qlm.state.store import QueueStore
-
-        s = QueueStore.connect(self.redis_url, prefix=self.prefix)
-        self.stores.append(s)
-        return s
-
-    async def _server(self, name: str, add, servicer, address: str = "127.0.0.1:0"):
-        from qlm.serving import GrpcServer
-
-        server = GrpcServer(name, address)
-        add(servicer, server.server)
-        await server.start()
-        await server.set_serving(True)
-        self.servers.append(server)
-        return server
-
-    async def start(self) -> Mesh:
-        import grpc
-
-        from qlm.redis_server import free_port
-        from qlm.v1 import planner_pb2_grpc, router_pb2_grpc, worker_pb2_grpc
-        from services.planner.loop import PlannerLoop
-        from services.planner.server import PlannerService
-        from services.router.server import RouterService
-        from services.worker.runner import WorkerRunner
-        from services.worker.server import WorkerService
-
-        address = f"127.0.0.1:{free_port()}"
-        w = dataclasses.replace(self.config.worker("w0"), listen=address, advertise=address)
-        runner = WorkerRunner(self.config, w, self.engine, self._store())
-        await self._server("qlm.v1.Worker", worker_pb2_grpc.add_WorkerServicer_to_server,
-                           WorkerService(runner), address)
-        await runner.start()
-        self.stops.append(runner.stop)
-        planner = PlannerLoop(self.config, self._store())
-        await self._server("qlm.v1.Planner", planner_pb2_grpc.add_PlannerServicer_to_server,
-                           PlannerService(planner))
-        await planner.start()
-        self.stops.append(planner.stop)
-        router = RouterService(self.config, self._store())
-        await router.start()
-        self.stops.append(router.stop)
-        server = await self._server("qlm.v1.Router", router_pb2_grpc.add_RouterServicer_to_server,
-                                    router)
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-        self.stub = router_pb2_grpc.RouterStub(self.channel)
-        return self
-
-    async def stop(self) -> None:
-        with contextlib.suppress(AttributeError):
-            await self.channel.close()
-        for server in reversed(self.servers):
-            await server.stop(0)
-        for stop in reversed(self.stops):
-            await stop()
-        for s in self.stores:
-            await s.close()
+    stack = await InProcessStack(redis_url, config_path, workers=False,
+                                 prefix=f"bench{uuid.uuid4().hex[:8]}:").start()
+    await stack.start_worker("w0", engine=engine)
+    return stack
 
 
 # --- the measurements --------------------------------------------------------------------------
@@ -470,9 +409,10 @@ async def hol_run(engine, target: str, workload: list[Item], deadlines: dict, me
             engine, i, f"hol-{uuid.uuid4().hex[:8]}",
             deadlines[i.cls] if name == "priority" else 0))
     else:
-        mesh = await Mesh(mesh_config(name, deadline_ms), redis_url, engine).start()
+        mesh = await start_mesh(mesh_config(name, deadline_ms), redis_url, engine)
+        router = mesh.router()  # one channel for the run, as a client would keep
         try:
-            samples, wall = await replay(workload, lambda i: mesh_one(mesh.stub, i))
+            samples, wall = await replay(workload, lambda i: mesh_one(router, i))
         finally:
             await mesh.stop()
     return Run(samples, wall, counter_delta(before, engine.connector_totals(MODEL)),
@@ -486,13 +426,14 @@ async def measure_overhead(engine, args, mesh_config, redis_url: str, vocab: int
     policy = "qlm" if "qlm" in policies else policies[0]
     rng = random.Random(f"overhead:{args.seed}")
     await idle(engine)
-    mesh = await Mesh(mesh_config(policy, 2000), redis_url, engine).start()
+    mesh = await start_mesh(mesh_config(policy, 2000), redis_url, engine)
+    router = mesh.router()
     bare, through = [], []
     try:
         for k in range(args.overhead_requests + 1):
             item = Item(0.0, "interactive", tokens(rng, 64, vocab), args.overhead_tokens)
             b = await bare_one(engine, item, f"ovh-{uuid.uuid4().hex[:8]}")
-            m = await mesh_one(mesh.stub, item)
+            m = await mesh_one(router, item)
             if k:
                 bare.append(b)
                 through.append(m)
