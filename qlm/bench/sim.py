@@ -4,7 +4,8 @@ discrete-event simulator, all policies on the same requests, fleet and seed in o
 For each load (a multiplier of the trace's arrival rate) and each policy it reports SLO
 attainment (overall and per class), throughput, goodput, TTFT percentiles, model swaps and
 planner time, prints them side by side with ratios to fcfs, and writes them as JSON.
-`qlm-noevict` is qlm with request eviction off, to measure what eviction adds.
+`qlm-noevict` is qlm with request eviction off, to measure what eviction adds; `qlm-tpot` is
+qlm with step limits for TPOT-bound work (qlm/core/tpot.py), to measure what they add.
 """
 
 from __future__ import annotations
@@ -41,14 +42,26 @@ def slo_met(r) -> bool:
     return True
 
 
-POLICY_NAMES = (*policies.NAMES, "qlm", "oracle", "qlm-noevict", "qlm-cpsat")
+def tpot_met(r) -> bool | None:
+    """Whether a request met its TPOT objective (an unfinished one did not); None: it has
+    none, or a single output token (no time per output token to measure)."""
+    s = r.spec
+    if s.tpot_deadline_s is None or s.output_length <= 1:
+        return None
+    if r.finish_s is None or r.first_token_s is None:
+        return False
+    return (r.finish_s - r.first_token_s) / (s.output_length - 1) <= s.tpot_deadline_s
+
+
+QLM_NAMES = ("qlm", "oracle", "qlm-noevict", "qlm-cpsat", "qlm-tpot")
+POLICY_NAMES = (*policies.NAMES, *QLM_NAMES)
 
 
 def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
     """A fresh policy for one run: the planner's own ones, or the QLM plan generator (the
     oracle is the same generator told every output length). kv_swap_ms: instance -> model ->
     KV swap ms per token, what resuming an evicted request costs (else a recompute)."""
-    if name not in ("qlm", "oracle", "qlm-noevict", "qlm-cpsat"):
+    if name not in QLM_NAMES:
         return policies.get(name, deadlines)
     throughput = InstanceThroughput()
     load_s = {}
@@ -66,7 +79,8 @@ def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
 
     generator = PlanGenerator(throughput, lengths, swap_s=load_s.__getitem__, name=name,
                               max_evictions=0 if name == "qlm-noevict" else 8,
-                              resume_s_per_token=resume_s_per_token, slo_deadlines_s=deadlines)
+                              resume_s_per_token=resume_s_per_token, slo_deadlines_s=deadlines,
+                              tpot_limits=name == "qlm-tpot")
     # qlm-cpsat: the same greedy plan, then CP-SAT's refinement of it (qlm/core/cpsat.py)
     return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator
 
@@ -81,6 +95,7 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
     by_class: dict[str, list[bool]] = {}
     for r, ok in zip(reqs, met, strict=True):
         by_class.setdefault(r.spec.slo_class, []).append(ok)
+    tpot = [ok for r in reqs if (ok := tpot_met(r)) is not None]
     ttft = sorted(r.first_token_s - r.spec.arrival_s for r in reqs
                   if r.first_token_s is not None)
     return {
@@ -91,6 +106,8 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
                                     for c, v in sorted(by_class.items())},
         "throughput_rps": round(len(done) / span, 4) if span else 0.0,
         "goodput_rps": round(sum(met) / span, 4) if span else 0.0,
+        # of the requests with a TPOT objective (None: there are none)
+        "tpot_attainment": round(sum(tpot) / len(tpot), 4) if tpot else None,
         "ttft_p50_s": round(percentile(ttft, 50), 3),
         "ttft_p99_s": round(percentile(ttft, 99), 3),
         # 0th, 1st, ..., 100th percentile: enough for a CDF plot
@@ -134,7 +151,7 @@ def table(runs: list[dict], policies_: list[str]) -> str:
         head = f"{'policy':<12}{'SLO met':>9}{'/fcfs':>7}" + "".join(
             f"{c[:12]:>13}" for c in classes) + f"{'thr rps':>9}{'good rps':>9}" \
             f"{'TTFT p50':>10}{'TTFT p99':>10}{'swaps':>7}{'evict':>7}{'plan p99':>10}" \
-            f"{'est cov':>9}"
+            f"{'est cov':>9}{'TPOT met':>10}"
         lines.append(head)
         for p in policies_:
             r = rows[p]
@@ -148,7 +165,9 @@ def table(runs: list[dict], policies_: list[str]) -> str:
                 f"{r['evictions']:>7}"
                 f"{r['planner_ms_p99']:>8.2f}ms"
                 + (f"{r['estimator_coverage']:>9.3f}" if r["estimator_coverage"] is not None
-                   else f"{'-':>9}"))
+                   else f"{'-':>9}")
+                + (f"{r['tpot_attainment']:>10.3f}" if r.get("tpot_attainment") is not None
+                   else f"{'-':>10}"))
     return "\n".join(lines)
 
 

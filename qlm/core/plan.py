@@ -75,6 +75,16 @@ class Snapshot:
     slo_classes: Mapping[str, SloView] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepLimit:
+    """What one engine step may hold on a worker so that its running requests keep their time
+    per output token: a step decodes one token for each running sequence and prefills the
+    prompts admitted (vLLM: max_num_seqs and max_num_batched_tokens, with chunked prefill)."""
+
+    max_running: int
+    max_prefill_tokens: int
+
+
 @dataclasses.dataclass
 class Plan:
     # worker id -> group ids in the order that worker serves them
@@ -91,3 +101,6 @@ class Plan:
     # worker id -> running requests to pre-empt now (their group goes back to the queues with
     # their output kept), so that the group at the head of that worker's queue meets its deadline
     evictions: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    # worker id -> the step limit that keeps its TPOT-bound requests within their objective;
+    # a worker missing here runs unlimited (policies that do not reason about TPOT set none)
+    step_limits: dict[str, StepLimit] = dataclasses.field(default_factory=dict)

@@ -41,6 +41,7 @@ from .estimator import (
     WaitingTimeEstimator,
 )
 from .plan import GroupView, Plan, RunningView, Snapshot, WorkerView
+from .tpot import CappedThroughput, step_limits
 
 
 class ExactLengths(OutputLengthStats):
@@ -118,9 +119,13 @@ class PlanGenerator:
         max_evictions: int = 8,
         resume_s_per_token: Callable[[str, str], float] | None = None,
         slo_deadlines_s: Mapping[str, float] | None = None,
+        tpot_limits: bool = False,
     ):
         self.lengths = lengths or OutputLengthStats()
         self.estimator = WaitingTimeEstimator(self.lengths, throughput)
+        # step limits for TPOT-bound work (qlm/core/tpot.py); the estimator then sees each
+        # worker's capped throughput, re-derived every plan from the raw one
+        self.tpot_limits, self._throughput = tpot_limits, throughput
         self.confidence = confidence
         self.z = NormalDist().inv_cdf(confidence)
         self.swap_s = swap_s
@@ -160,6 +165,9 @@ class PlanGenerator:
     def __call__(self, snapshot: Snapshot) -> Plan:
         now_s = snapshot.now_ms / 1000
         plan = Plan(queues={w.id: [] for w in snapshot.workers}, policy=self.name)
+        if self.tpot_limits:
+            plan.step_limits = step_limits(snapshot, self._throughput)
+            self.estimator.throughput = CappedThroughput(self._throughput, plan.step_limits)
         waits = {
             w.id: self.estimator.queue(
                 w.id, w.loaded or None,

@@ -103,13 +103,39 @@ class _Instance:
     # the step event under way: (began, first step s, decode step s, tokens), and its version
     step: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)
     step_version: int = 0
+    # the plan's StepLimit for it (None: unlimited), and, under it, the prompt tokens still to
+    # prefill of the requests admitted (chunked prefill: they get no token until it is done)
+    limit: object = None
+    prefill_left: dict = dataclasses.field(default_factory=dict)
 
     @property
     def profile(self) -> SimProfile:
         return self.profiles[self.model]
 
     def room(self) -> int:
-        return self.profile.max_running - len(self.running)
+        most = self.profile.max_running
+        if self.limit is not None:
+            most = min(most, self.limit.max_running)
+            # admitted only while this step's prefill budget is not yet spent
+            if sum(self.prefill_left.values()) >= self.limit.max_prefill_tokens:
+                return 0
+        return most - len(self.running)
+
+    def prefill_chunk(self) -> int:
+        """Prompt tokens prefilled in the next step under the limit, in admission order; the
+        requests whose prefill it completes leave prefill_left."""
+        # a limit lifted meanwhile: what is left is prefilled at once
+        budget = self.limit.max_prefill_tokens if self.limit is not None else math.inf
+        chunk = 0
+        for req in list(self.prefill_left):
+            take = min(self.prefill_left[req], budget - chunk)
+            chunk += take
+            if take == self.prefill_left[req]:
+                del self.prefill_left[req]
+            else:
+                self.prefill_left[req] -= take
+                break
+        return chunk
 
 
 @dataclasses.dataclass
@@ -339,6 +365,8 @@ class Simulation:
     def _on_install(self, arg) -> None:
         ready, plan = arg
         self._installs.remove(ready)
+        for name, inst in self.instances.items():
+            inst.limit = plan.step_limits.get(name)
         placed: set[str] = set()
         for name, gids in plan.queues.items():
             inst = self.instances[name]
@@ -422,6 +450,8 @@ class Simulation:
             inst.kv_used += req.kv_tokens
             if req.kv_at == inst.spec.name:
                 inst.kv_copy_tokens += req.context
+            elif inst.limit is not None:
+                inst.prefill_left[req] = req.context
             else:
                 prefill += req.context
             req.kv_at = ""
@@ -434,6 +464,7 @@ class Simulation:
             if req not in inst.running:
                 continue  # finished meanwhile
             inst.running.remove(req)
+            inst.prefill_left.pop(req, None)
             inst.kv_used -= req.kv_tokens
             if inst.model in inst.kv_swap_ms:
                 inst.kv_copy_tokens += req.context
@@ -470,6 +501,7 @@ class Simulation:
     def _begin_step(self, inst: _Instance) -> None:
         self._evict(inst)
         prefill, swap_to = self._pull(inst)
+        prefill += inst.prefill_chunk()
         copy_ms = inst.kv_copy_tokens * inst.kv_swap_ms.get(inst.model, 0.0)
         inst.kv_copy_tokens = 0
         if not inst.running:
@@ -480,10 +512,10 @@ class Simulation:
         batch = len(inst.running)
         first_s = (p.step_ms(prefill, batch) + copy_ms) / 1000
         for req in inst.running:
-            if req.first_token_s is None:
+            if req.first_token_s is None and req not in inst.prefill_left:
                 req.first_token_s = self.now + first_s
         extra, decode_s = 0, 0.0
-        if self.fold_steps:
+        if self.fold_steps and not inst.prefill_left:  # chunked prefill: steps differ
             # later steps add one token each at a constant cost while the batch stays the same:
             # until the first request finishes, and, if the instance could still take work,
             # until new work can appear
@@ -507,6 +539,9 @@ class Simulation:
         inst.busy = False
         still = []
         for req in inst.running:
+            if req in inst.prefill_left:  # its prompt is not all prefilled yet
+                still.append(req)
+                continue
             req.generated += tokens
             if req.generated >= req.spec.output_length:
                 req.generated = req.spec.output_length
