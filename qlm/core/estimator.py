@@ -355,6 +355,10 @@ class QueueWaits:
     def __init__(self, est: WaitingTimeEstimator, worker: str, model, running, swap_s: float,
                  ready_s: float = 0.0):
         self.est, self.worker, self.loaded, self.swap_s = est, worker, model, swap_s
+        # under a step limit (qlm/core/tpot.py) prompts are prefilled in chunks and a group
+        # starts only once the chunks ahead of it are done, free slots or not
+        chunked = getattr(est.throughput, "chunked", None)
+        self.chunked = bool(chunked and chunked(worker))
         tp, ls = est.throughput, est.lengths
         self.base_mean = self.base_var = 0.0
         # deterministic delays: swaps along the queue, and the engine's step under way (it
@@ -405,7 +409,7 @@ class QueueWaits:
             (base_se.get(k, 0.0) + f * seg.se.get(k, 0.0)) ** 2
             for k in base_se.keys() | seg.se.keys()
         )
-        fixed = swaps + (seg.prefill if f else 0.0)
+        fixed = swaps + (seg.prefill if f or self.chunked else 0.0)
         return WaitEstimate(
             base_mean + fixed + f * seg.mean,
             math.sqrt(base_var + f * seg.var / seg.batch + shared),

@@ -83,6 +83,9 @@ class CappedThroughput:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def chunked(self, worker: str) -> bool:
+        return worker in self.limits
+
     def batch(self, worker: str, model: str, tokens_per_seq: float | None = None) -> int:
         b = self.inner.batch(worker, model, tokens_per_seq)
         limit = self.limits.get(worker)
