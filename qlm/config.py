@@ -37,6 +37,10 @@ class SloClassConfig:
     ttft_deadline_ms: int
     # Queued (not yet running) requests of this class before the router refuses more.
     max_queued: int
+    # Time per output token after the first, milliseconds (None: no TPOT objective). A request
+    # of the class meets its SLO only if it keeps both; the `qlm-tpot` planner policy caps the
+    # steps of workers running TPOT-bound work so it does (qlm/core/tpot.py).
+    tpot_deadline_ms: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +139,8 @@ def load(path: str | os.PathLike | None = None) -> StackConfig:
             name=name,
             ttft_deadline_ms=_positive_int(f"slo_classes.{name}", c, "ttft_deadline_ms"),
             max_queued=_positive_int(f"slo_classes.{name}", c, "max_queued", 10000),
+            tpot_deadline_ms=(_positive_int(f"slo_classes.{name}", c, "tpot_deadline_ms")
+                              if c.get("tpot_deadline_ms") is not None else None),
         )
     if not classes:
         raise ConfigError(f"{path}: no slo_classes configured")

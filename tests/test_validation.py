@@ -98,7 +98,7 @@ def test_accepted_applies_defaults(cfg):
     assert a.fields == {
         "prompt": "héllo", "prompt_ids": "", "prompt_tokens": 6, "max_tokens": 7,
         "temperature": "1.0", "top_p": "1.0", "seed": "", "ignore_eos": 0,
-        "ttft_budget_ms": 20_000,
+        "ttft_budget_ms": 20_000, "tpot_ms": 0,
     }
 
 

@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13qlm/v1/router.proto\x12\x06qlm.v1\"\x9c\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xc9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.qlm.v1.SamplingParams\x12\x11\n\tslo_class\x18\x06 \x01(\t\x12\x18\n\x10ttft_deadline_ms\x18\x07 \x01(\r\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x15\n\rqueue_wait_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x05 \x01(\x01\"n\n\x08\x46inished\x12$\n\x06reason\x18\x01 \x01(\x0e\x32\x14.qlm.v1.FinishReason\x12\x1c\n\x05usage\x18\x02 \x01(\x0b\x32\r.qlm.v1.Usage\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07slo_met\x18\x04 \x01(\x08\"\xa0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\"\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x10.qlm.v1.Finished\x12$\n\tadmission\x18\x06 \x01(\x0b\x32\x11.qlm.v1.Admission\"Y\n\tAdmission\x12\x19\n\x11\x65stimated_wait_ms\x18\x01 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_at_risk\x18\x02 \x01(\x08\x12\x17\n\x0f\x65stimate_age_ms\x18\x03 \x01(\x01\"[\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12$\n\tadmission\x18\x03 \x01(\x0b\x32\x11.qlm.v1.Admission\"6\n\x0cWatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nfrom_index\x18\x02 \x01(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"5\n\x0e\x43\x61ncelResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.qlm.v1.RequestState\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xdc\x02\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tslo_class\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.qlm.v1.RequestState\x12\x10\n\x08group_id\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x15\n\routput_tokens\x18\x08 \x01(\r\x12\x12\n\nmax_tokens\x18\t \x01(\r\x12\x18\n\x10ttft_deadline_ms\x18\n \x01(\r\x12+\n\rfinish_reason\x18\x0b \x01(\x0e\x32\x14.qlm.v1.FinishReason\x12\x1c\n\x05usage\x18\x0c \x01(\x0b\x32\r.qlm.v1.Usage\x12\x10\n\x08requeues\x18\r \x01(\r\x12\x14\n\x0c\x65xpires_in_s\x18\x0e \x01(\r\"\x13\n\x11ListModelsRequest\"U\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x0f\n\x07workers\x18\x04 \x01(\r\"Z\n\x08SloClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10ttft_deadline_ms\x18\x02 \x01(\r\x12\x12\n\nmax_queued\x18\x03 \x01(\r\x12\x12\n\nis_default\x18\x04 \x01(\x08\"^\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.qlm.v1.ModelInfo\x12%\n\x0bslo_classes\x18\x02 \x03(\x0b\x32\x10.qlm.v1.SloClass*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\xb5\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REQUEST_STATE_QUEUED\x10\x01\x12\x19\n\x15REQUEST_STATE_RUNNING\x10\x02\x12\x1a\n\x16REQUEST_STATE_FINISHED\x10\x03\x12\x1b\n\x17REQUEST_STATE_CANCELLED\x10\x04\x12\x18\n\x14REQUEST_STATE_FAILED\x10\x05\x32\xfb\x02\n\x06Router\x12?\n\x08Generate\x12\x17.qlm.v1.GenerateRequest\x1a\x18.qlm.v1.GenerateResponse0\x01\x12\x39\n\x06Submit\x12\x17.qlm.v1.GenerateRequest\x1a\x16.qlm.v1.SubmitResponse\x12\x39\n\x05Watch\x12\x14.qlm.v1.WatchRequest\x1a\x18.qlm.v1.GenerateResponse0\x01\x12\x37\n\x06\x43\x61ncel\x12\x15.qlm.v1.CancelRequest\x1a\x16.qlm.v1.CancelResponse\x12<\n\nGetRequest\x12\x19.qlm.v1.GetRequestRequest\x1a\x13.qlm.v1.RequestInfo\x12\x43\n\nListModels\x12\x19.qlm.v1.ListModelsRequest\x1a\x1a.qlm.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13qlm/v1/router.proto\x12\x06qlm.v1\"\x9c\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xe3\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12(\n\x08sampling\x18\x05 \x01(\x0b\x32\x16.qlm.v1.SamplingParams\x12\x11\n\tslo_class\x18\x06 \x01(\t\x12\x18\n\x10ttft_deadline_ms\x18\x07 \x01(\r\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x18\n\x10tpot_deadline_ms\x18\t \x01(\r\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\x12\x15\n\rqueue_wait_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x05 \x01(\x01\"n\n\x08\x46inished\x12$\n\x06reason\x18\x01 \x01(\x0e\x32\x14.qlm.v1.FinishReason\x12\x1c\n\x05usage\x18\x02 \x01(\x0b\x32\r.qlm.v1.Usage\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07slo_met\x18\x04 \x01(\x08\"\xa0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\"\n\x08\x66inished\x18\x05 \x01(\x0b\x32\x10.qlm.v1.Finished\x12$\n\tadmission\x18\x06 \x01(\x0b\x32\x11.qlm.v1.Admission\"Y\n\tAdmission\x12\x19\n\x11\x65stimated_wait_ms\x18\x01 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_at_risk\x18\x02 \x01(\x08\x12\x17\n\x0f\x65stimate_age_ms\x18\x03 \x01(\x01\"[\n\x0eSubmitResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12$\n\tadmission\x18\x03 \x01(\x0b\x32\x11.qlm.v1.Admission\"6\n\x0cWatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nfrom_index\x18\x02 \x01(\r\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"5\n\x0e\x43\x61ncelResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.qlm.v1.RequestState\"\'\n\x11GetRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xf6\x02\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tslo_class\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.qlm.v1.RequestState\x12\x10\n\x08group_id\x18\x05 \x01(\t\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x15\n\routput_tokens\x18\x08 \x01(\r\x12\x12\n\nmax_tokens\x18\t \x01(\r\x12\x18\n\x10ttft_deadline_ms\x18\n \x01(\r\x12+\n\rfinish_reason\x18\x0b \x01(\x0e\x32\x14.qlm.v1.FinishReason\x12\x1c\n\x05usage\x18\x0c \x01(\x0b\x32\r.qlm.v1.Usage\x12\x10\n\x08requeues\x18\r \x01(\r\x12\x14\n\x0c\x65xpires_in_s\x18\x0e \x01(\r\x12\x18\n\x10tpot_deadline_ms\x18\x0f \x01(\r\"\x13\n\x11ListModelsRequest\"U\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x0f\n\x07workers\x18\x04 \x01(\r\"t\n\x08SloClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x18\n\x10ttft_deadline_ms\x18\x02 \x01(\r\x12\x12\n\nmax_queued\x18\x03 \x01(\r\x12\x12\n\nis_default\x18\x04 \x01(\x08\x12\x18\n\x10tpot_deadline_ms\x18\x05 \x01(\r\"^\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.qlm.v1.ModelInfo\x12%\n\x0bslo_classes\x18\x02 \x03(\x0b\x32\x10.qlm.v1.SloClass*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*\xb5\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14REQUEST_STATE_QUEUED\x10\x01\x12\x19\n\x15REQUEST_STATE_RUNNING\x10\x02\x12\x1a\n\x16REQUEST_STATE_FINISHED\x10\x03\x12\x1b\n\x17REQUEST_STATE_CANCELLED\x10\x04\x12\x18\n\x14REQUEST_STATE_FAILED\x10\x05\x32\xfb\x02\n\x06Router\x12?\n\x08Generate\x12\x17.qlm.v1.GenerateRequest\x1a\x18.qlm.v1.GenerateResponse0\x01\x12\x39\n\x06Submit\x12\x17.qlm.v1.GenerateRequest\x1a\x16.qlm.v1.SubmitResponse\x12\x39\n\x05Watch\x12\x14.qlm.v1.WatchRequest\x1a\x18.qlm.v1.GenerateResponse0\x01\x12\x37\n\x06\x43\x61ncel\x12\x15.qlm.v1.CancelRequest\x1a\x16.qlm.v1.CancelResponse\x12<\n\nGetRequest\x12\x19.qlm.v1.GetRequestRequest\x1a\x13.qlm.v1.RequestInfo\x12\x43\n\nListModels\x12\x19.qlm.v1.ListModelsRequest\x1a\x1a.qlm.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qlm.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1801
-  _globals['_FINISHREASON']._serialized_end=1950
-  _globals['_REQUESTSTATE']._serialized_start=1953
-  _globals['_REQUESTSTATE']._serialized_end=2134
+  _globals['_FINISHREASON']._serialized_start=1879
+  _globals['_FINISHREASON']._serialized_end=2028
+  _globals['_REQUESTSTATE']._serialized_start=2031
+  _globals['_REQUESTSTATE']._serialized_end=2212
   _globals['_SAMPLINGPARAMS']._serialized_start=32
   _globals['_SAMPLINGPARAMS']._serialized_end=188
   _globals['_GENERATEREQUEST']._serialized_start=191
-  _globals['_GENERATEREQUEST']._serialized_end=392
-  _globals['_USAGE']._serialized_start=394
-  _globals['_USAGE']._serialized_end=503
-  _globals['_FINISHED']._serialized_start=505
-  _globals['_FINISHED']._serialized_end=615
-  _globals['_GENERATERESPONSE']._serialized_start=618
-  _globals['_GENERATERESPONSE']._serialized_end=778
-  _globals['_ADMISSION']._serialized_start=780
-  _globals['_ADMISSION']._serialized_end=869
-  _globals['_SUBMITRESPONSE']._serialized_start=871
-  _globals['_SUBMITRESPONSE']._serialized_end=962
-  _globals['_WATCHREQUEST']._serialized_start=964
-  _globals['_WATCHREQUEST']._serialized_end=1018
-  _globals['_CANCELREQUEST']._serialized_start=1020
-  _globals['_CANCELREQUEST']._serialized_end=1055
-  _globals['_CANCELRESPONSE']._serialized_start=1057
-  _globals['_CANCELRESPONSE']._serialized_end=1110
-  _globals['_GETREQUESTREQUEST']._serialized_start=1112
-  _globals['_GETREQUESTREQUEST']._serialized_end=1151
-  _globals['_REQUESTINFO']._serialized_start=1154
-  _globals['_REQUESTINFO']._serialized_end=1502
-  _globals['_LISTMODELSREQUEST']._serialized_start=1504
-  _globals['_LISTMODELSREQUEST']._serialized_end=1523
-  _globals['_MODELINFO']._serialized_start=1525
-  _globals['_MODELINFO']._serialized_end=1610
-  _globals['_SLOCLASS']._serialized_start=1612
-  _globals['_SLOCLASS']._serialized_end=1702
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1704
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1798
-  _globals['_ROUTER']._serialized_start=2137
-  _globals['_ROUTER']._serialized_end=2516
+  _globals['_GENERATEREQUEST']._serialized_end=418
+  _globals['_USAGE']._serialized_start=420
+  _globals['_USAGE']._serialized_end=529
+  _globals['_FINISHED']._serialized_start=531
+  _globals['_FINISHED']._serialized_end=641
+  _globals['_GENERATERESPONSE']._serialized_start=644
+  _globals['_GENERATERESPONSE']._serialized_end=804
+  _globals['_ADMISSION']._serialized_start=806
+  _globals['_ADMISSION']._serialized_end=895
+  _globals['_SUBMITRESPONSE']._serialized_start=897
+  _globals['_SUBMITRESPONSE']._serialized_end=988
+  _globals['_WATCHREQUEST']._serialized_start=990
+  _globals['_WATCHREQUEST']._serialized_end=1044
+  _globals['_CANCELREQUEST']._serialized_start=1046
+  _globals['_CANCELREQUEST']._serialized_end=1081
+  _globals['_CANCELRESPONSE']._serialized_start=1083
+  _globals['_CANCELRESPONSE']._serialized_end=1136
+  _globals['_GETREQUESTREQUEST']._serialized_start=1138
+  _globals['_GETREQUESTREQUEST']._serialized_end=1177
+  _globals['_REQUESTINFO']._serialized_start=1180
+  _globals['_REQUESTINFO']._serialized_end=1554
+  _globals['_LISTMODELSREQUEST']._serialized_start=1556
+  _globals['_LISTMODELSREQUEST']._serialized_end=1575
+  _globals['_MODELINFO']._serialized_start=1577
+  _globals['_MODELINFO']._serialized_end=1662
+  _globals['_SLOCLASS']._serialized_start=1664
+  _globals['_SLOCLASS']._serialized_end=1780
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1782
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1876
+  _globals['_ROUTER']._serialized_start=2215
+  _globals['_ROUTER']._serialized_end=2594
 # @@protoc_insertion_point(module_scope)

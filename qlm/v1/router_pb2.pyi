@@ -50,7 +50,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "prompt_token_ids", "max_tokens", "sampling", "slo_class", "ttft_deadline_ms", "request_id")
+    __slots__ = ("model", "prompt", "prompt_token_ids", "max_tokens", "sampling", "slo_class", "ttft_deadline_ms", "request_id", "tpot_deadline_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class GenerateRequest(_message.Message):
     SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
     TTFT_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TPOT_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -67,7 +68,8 @@ class GenerateRequest(_message.Message):
     slo_class: str
     ttft_deadline_ms: int
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., slo_class: _Optional[str] = ..., ttft_deadline_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    tpot_deadline_ms: int
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., slo_class: _Optional[str] = ..., ttft_deadline_ms: _Optional[int] = ..., request_id: _Optional[str] = ..., tpot_deadline_ms: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "output_tokens", "queue_wait_ms", "ttft_ms", "e2e_ms")
@@ -158,7 +160,7 @@ class GetRequestRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class RequestInfo(_message.Message):
-    __slots__ = ("request_id", "model", "slo_class", "state", "group_id", "worker_id", "prompt_tokens", "output_tokens", "max_tokens", "ttft_deadline_ms", "finish_reason", "usage", "requeues", "expires_in_s")
+    __slots__ = ("request_id", "model", "slo_class", "state", "group_id", "worker_id", "prompt_tokens", "output_tokens", "max_tokens", "ttft_deadline_ms", "finish_reason", "usage", "requeues", "expires_in_s", "tpot_deadline_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +175,7 @@ class RequestInfo(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     REQUEUES_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    TPOT_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     slo_class: str
@@ -187,7 +190,8 @@ class RequestInfo(_message.Message):
     usage: Usage
     requeues: int
     expires_in_s: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., slo_class: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., group_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., ttft_deadline_ms: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., requeues: _Optional[int] = ..., expires_in_s: _Optional[int] = ...) -> None: ...
+    tpot_deadline_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., slo_class: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., group_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., ttft_deadline_ms: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., requeues: _Optional[int] = ..., expires_in_s: _Optional[int] = ..., tpot_deadline_ms: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -206,16 +210,18 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_tokens: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class SloClass(_message.Message):
-    __slots__ = ("name", "ttft_deadline_ms", "max_queued", "is_default")
+    __slots__ = ("name", "ttft_deadline_ms", "max_queued", "is_default", "tpot_deadline_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TTFT_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    TPOT_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     ttft_deadline_ms: int
     max_queued: int
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., ttft_deadline_ms: _Optional[int] = ..., max_queued: _Optional[int] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    tpot_deadline_ms: int
+    def __init__(self, name: _Optional[str] = ..., ttft_deadline_ms: _Optional[int] = ..., max_queued: _Optional[int] = ..., is_default: _Optional[bool] = ..., tpot_deadline_ms: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "slo_classes")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13qlm/v1/worker.proto\x12\x06qlm.v1\"!\n\x0b\x45victAction\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0fSwapModelAction\x12\r\n\x05model\x18\x01 \x01(\t\" \n\x0fWarmModelAction\x12\r\n\x05model\x18\x01 \x01(\t\"\x96\x01\n\x06\x41\x63tion\x12$\n\x05\x65vict\x18\x01 \x01(\x0b\x32\x13.qlm.v1.EvictActionH\x00\x12-\n\nswap_model\x18\x02 \x01(\x0b\x32\x17.qlm.v1.SwapModelActionH\x00\x12-\n\nwarm_model\x18\x03 \x01(\x0b\x32\x17.qlm.v1.WarmModelActionH\x00\x42\x08\n\x06\x61\x63tion\"a\n\nActionPlan\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x1f\n\x07\x61\x63tions\x18\x04 \x03(\x0b\x32\x0e.qlm.v1.Action\"4\n\x11\x41pplyPlanResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\x12\n\x10GetStatusRequest\"\xd9\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x13\n\x0bmax_running\x18\x05 \x01(\r\x12\x16\n\x0ekv_used_tokens\x18\x06 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\x07 \x01(\x04\x12\x12\n\nplan_epoch\x18\x08 \x01(\x04\x12\x15\n\rplan_sequence\x18\t \x01(\x04\x12\x11\n\tcompleted\x18\n \x01(\x04\x32\x81\x01\n\x06Worker\x12:\n\tApplyPlan\x12\x12.qlm.v1.ActionPlan\x1a\x19.qlm.v1.ApplyPlanResponse\x12;\n\tGetStatus\x12\x18.qlm.v1.GetStatusRequest\x1a\x14.qlm.v1.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13qlm/v1/worker.proto\x12\x06qlm.v1\"!\n\x0b\x45victAction\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0fSwapModelAction\x12\r\n\x05model\x18\x01 \x01(\t\" \n\x0fWarmModelAction\x12\r\n\x05model\x18\x01 \x01(\t\"B\n\x0fStepLimitAction\x12\x13\n\x0bmax_running\x18\x01 \x01(\r\x12\x1a\n\x12max_prefill_tokens\x18\x02 \x01(\r\"\xc5\x01\n\x06\x41\x63tion\x12$\n\x05\x65vict\x18\x01 \x01(\x0b\x32\x13.qlm.v1.EvictActionH\x00\x12-\n\nswap_model\x18\x02 \x01(\x0b\x32\x17.qlm.v1.SwapModelActionH\x00\x12-\n\nwarm_model\x18\x03 \x01(\x0b\x32\x17.qlm.v1.WarmModelActionH\x00\x12-\n\nstep_limit\x18\x04 \x01(\x0b\x32\x17.qlm.v1.StepLimitActionH\x00\x42\x08\n\x06\x61\x63tion\"a\n\nActionPlan\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x1f\n\x07\x61\x63tions\x18\x04 \x03(\x0b\x32\x0e.qlm.v1.Action\"4\n\x11\x41pplyPlanResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\x12\n\x10GetStatusRequest\"\xd9\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0f\n\x07running\x18\x04 \x01(\r\x12\x13\n\x0bmax_running\x18\x05 \x01(\r\x12\x16\n\x0ekv_used_tokens\x18\x06 \x01(\x04\x12\x1a\n\x12kv_capacity_tokens\x18\x07 \x01(\x04\x12\x12\n\nplan_epoch\x18\x08 \x01(\x04\x12\x15\n\rplan_sequence\x18\t \x01(\x04\x12\x11\n\tcompleted\x18\n \x01(\x04\x32\x81\x01\n\x06Worker\x12:\n\tApplyPlan\x12\x12.qlm.v1.ActionPlan\x1a\x19.qlm.v1.ApplyPlanResponse\x12;\n\tGetStatus\x12\x18.qlm.v1.GetStatusRequest\x1a\x14.qlm.v1.WorkerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,16 +37,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SWAPMODELACTION']._serialized_end=98
   _globals['_WARMMODELACTION']._serialized_start=100
   _globals['_WARMMODELACTION']._serialized_end=132
-  _globals['_ACTION']._serialized_start=135
-  _globals['_ACTION']._serialized_end=285
-  _globals['_ACTIONPLAN']._serialized_start=287
-  _globals['_ACTIONPLAN']._serialized_end=384
-  _globals['_APPLYPLANRESPONSE']._serialized_start=386
-  _globals['_APPLYPLANRESPONSE']._serialized_end=438
-  _globals['_GETSTATUSREQUEST']._serialized_start=440
-  _globals['_GETSTATUSREQUEST']._serialized_end=458
-  _globals['_WORKERSTATUS']._serialized_start=461
-  _globals['_WORKERSTATUS']._serialized_end=678
-  _globals['_WORKER']._serialized_start=681
-  _globals['_WORKER']._serialized_end=810
+  _globals['_STEPLIMITACTION']._serialized_start=134
+  _globals['_STEPLIMITACTION']._serialized_end=200
+  _globals['_ACTION']._serialized_start=203
+  _globals['_ACTION']._serialized_end=400
+  _globals['_ACTIONPLAN']._serialized_start=402
+  _globals['_ACTIONPLAN']._serialized_end=499
+  _globals['_APPLYPLANRESPONSE']._serialized_start=501
+  _globals['_APPLYPLANRESPONSE']._serialized_end=553
+  _globals['_GETSTATUSREQUEST']._serialized_start=555
+  _globals['_GETSTATUSREQUEST']._serialized_end=573
+  _globals['_WORKERSTATUS']._serialized_start=576
+  _globals['_WORKERSTATUS']._serialized_end=793
+  _globals['_WORKER']._serialized_start=796
+  _globals['_WORKER']._serialized_end=925
 # @@protoc_insertion_point(module_scope)

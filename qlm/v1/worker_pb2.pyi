@@ -24,15 +24,25 @@ class WarmModelAction(_message.Message):
     model: str
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
+class StepLimitAction(_message.Message):
+    __slots__ = ("max_running", "max_prefill_tokens")
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    MAX_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    max_running: int
+    max_prefill_tokens: int
+    def __init__(self, max_running: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ...) -> None: ...
+
 class Action(_message.Message):
-    __slots__ = ("evict", "swap_model", "warm_model")
+    __slots__ = ("evict", "swap_model", "warm_model", "step_limit")
     EVICT_FIELD_NUMBER: _ClassVar[int]
     SWAP_MODEL_FIELD_NUMBER: _ClassVar[int]
     WARM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_LIMIT_FIELD_NUMBER: _ClassVar[int]
     evict: EvictAction
     swap_model: SwapModelAction
     warm_model: WarmModelAction
-    def __init__(self, evict: _Optional[_Union[EvictAction, _Mapping]] = ..., swap_model: _Optional[_Union[SwapModelAction, _Mapping]] = ..., warm_model: _Optional[_Union[WarmModelAction, _Mapping]] = ...) -> None: ...
+    step_limit: StepLimitAction
+    def __init__(self, evict: _Optional[_Union[EvictAction, _Mapping]] = ..., swap_model: _Optional[_Union[SwapModelAction, _Mapping]] = ..., warm_model: _Optional[_Union[WarmModelAction, _Mapping]] = ..., step_limit: _Optional[_Union[StepLimitAction, _Mapping]] = ...) -> None: ...
 
 class ActionPlan(_message.Message):
     __slots__ = ("epoch", "sequence", "worker_id", "actions")

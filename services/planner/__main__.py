@@ -46,7 +46,8 @@ async def serve(args) -> None:
 def main() -> None:
     parser = service_parser("services.planner", __doc__, "planner.listen")
     parser.add_argument("--policy", default=None,
-                        help="override planner.policy (fcfs, priority, edf, qlm, qlm-cpsat)")
+                        help="override planner.policy "
+                             "(fcfs, priority, edf, qlm, qlm-cpsat, qlm-tpot)")
     args = parser.parse_args()
     setup_logging("planner")
     run(serve(args))

@@ -38,9 +38,14 @@ def _ms(entry: dict, key: str) -> float:
 def finished_message(entry: dict) -> router_pb2.Finished:
     arrival = _ms(entry, "a")
     start, first, end, deadline = (_ms(entry, k) for k in ("s", "ft", "end", "d"))
+    output_tokens = int(_ms(entry, "n"))
+    # TPOT: the time per output token after the first, kept by a request of at most one token
+    tpot_deadline = _ms(entry, "tp")
+    tpot_met = (not tpot_deadline or output_tokens < 2 or not first or not end
+                or (end - first) / (output_tokens - 1) <= tpot_deadline)
     usage = router_pb2.Usage(
         prompt_tokens=int(_ms(entry, "p")),
-        output_tokens=int(_ms(entry, "n")),
+        output_tokens=output_tokens,
         queue_wait_ms=max(0.0, start - arrival) if start else 0.0,
         ttft_ms=max(0.0, first - arrival) if first else 0.0,
         e2e_ms=max(0.0, end - arrival) if end else 0.0,
@@ -49,7 +54,7 @@ def finished_message(entry: dict) -> router_pb2.Finished:
         reason=FINISH_REASONS.get(entry.get("f", ""), router_pb2.FINISH_REASON_UNSPECIFIED),
         usage=usage,
         error=entry.get("e", ""),
-        slo_met=bool(first) and first <= deadline,
+        slo_met=bool(first) and first <= deadline and tpot_met,
     )
 
 

@@ -178,7 +178,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         final = {"a": f.get("arrival_ms"), "s": f.get("start_ms"), "ft": f.get("first_token_ms"),
                  "end": f.get("finish_ms"), "d": f.get("deadline_ms"),
                  "p": f.get("prompt_tokens"), "n": f.get("out"), "f": f.get("finish_reason", ""),
-                 "e": f.get("error", "")}
+                 "e": f.get("error", ""), "tp": f.get("tpot_ms")}
         finished = finished_message(final)
         live = f["state"] in ("queued", "running")
         return router_pb2.RequestInfo(
@@ -192,6 +192,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             output_tokens=int(f.get("out") or 0),
             max_tokens=int(f.get("max_tokens") or 0),
             ttft_deadline_ms=int(f.get("ttft_budget_ms") or 0),
+            tpot_deadline_ms=int(f.get("tpot_ms") or 0),
             finish_reason=finished.reason,
             usage=finished.usage,
             requeues=int(f.get("requeues") or 0),
@@ -212,6 +213,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     for m in self.config.models.values()],
             slo_classes=[router_pb2.SloClass(name=c.name, ttft_deadline_ms=c.ttft_deadline_ms,
                                              max_queued=c.max_queued,
+                                             tpot_deadline_ms=c.tpot_deadline_ms or 0,
                                              is_default=c.name == self.config.default_slo_class)
                          for c in self.config.slo_classes.values()],
         )

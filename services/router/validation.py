@@ -14,6 +14,8 @@ from qlm.config import StackConfig
 from qlm.v1 import router_pb2
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# A TPOT deadline over a minute per token is a mistake (seconds for milliseconds, say).
+MAX_TPOT_DEADLINE_MS = 60_000
 
 
 class ValidationError(Exception):
@@ -95,6 +97,11 @@ def validate(req: router_pb2.GenerateRequest, config: StackConfig) -> Admitted:
     budget = slo.ttft_deadline_ms
     if req.ttft_deadline_ms:
         budget = min(budget, req.ttft_deadline_ms)
+    if req.tpot_deadline_ms > MAX_TPOT_DEADLINE_MS:
+        raise _invalid(f"tpot_deadline_ms must be at most {MAX_TPOT_DEADLINE_MS} (ms per output "
+                       f"token; 0 means the class's), got {req.tpot_deadline_ms}")
+    # the tighter of the class's and the request's; 0: no TPOT objective
+    tpot = min((d for d in (slo.tpot_deadline_ms, req.tpot_deadline_ms) if d), default=0)
 
     fields: dict[str, str | int] = {
         "prompt": req.prompt,
@@ -106,5 +113,6 @@ def validate(req: router_pb2.GenerateRequest, config: StackConfig) -> Admitted:
         "seed": str(sampling.seed) if sampling.HasField("seed") else "",
         "ignore_eos": int(sampling.ignore_eos),
         "ttft_budget_ms": budget,
+        "tpot_ms": tpot,
     }
     return Admitted(request_id, model.name, slo.name, prompt_tokens, max_tokens, budget, fields)

@@ -52,6 +52,14 @@ class WorkerRunner:
         self._starting = 0
         # held by a model swap, so no request of a model being unloaded is claimed meanwhile
         self._swap_lock = asyncio.Lock()
+        # The plan's step limit (StepLimitAction; 0: none): at most max_running requests run
+        # here, and new requests start only while the prompt tokens started since the engine's
+        # last step are under max_prefill_tokens (see _pull).
+        self.max_running = 0
+        self.max_prefill_tokens = 0
+        self._prefill_since_step = 0
+        # True while a pull stopped at the prefill budget: the next step's output wakes it
+        self._prefill_wait = False
 
     @property
     def id(self) -> str:
@@ -174,6 +182,20 @@ class WorkerRunner:
         status, _ = await self.store.evict(request_id, self.id)
         return status == "ok"
 
+    def set_step_limit(self, max_running: int, max_prefill_tokens: int) -> None:
+        """The plan's step limit (0: none); requests running over a lowered max_running finish
+        as they would, only no new one starts until the batch is under it."""
+        self.max_running, self.max_prefill_tokens = max_running, max_prefill_tokens
+        self._wake.set()  # a raised limit may leave room now
+
+    def room(self) -> int:
+        """Requests this worker may claim now: the engine's free slots, within the step
+        limit's max_running (self.running counts the claimed ones not yet started too)."""
+        room = self.engine.free_slots() - self._starting
+        if self.max_running:
+            room = min(room, self.max_running - len(self.running))
+        return room
+
     async def pull(self) -> int:
         """Claims as many requests as the engine has room for; returns how many."""
         async with self._swap_lock:
@@ -181,16 +203,32 @@ class WorkerRunner:
 
     async def _pull(self) -> int:
         total = 0
-        while (room := self.engine.free_slots() - self._starting) > 0:
+        if not self.running:
+            self._prefill_since_step = 0  # no step under way: nothing to wait for
+        while (room := self.room()) > 0:
+            # The prefill budget, for engines that cannot be told to chunk prompts per request
+            # (vLLM fixes max_num_batched_tokens at start): an approximation in admission. A
+            # step is taken to have ended when any running request yields tokens (_serve), and
+            # no request starts while the prompt (and resumed output) tokens started since then
+            # reach the budget; the one that crosses it still starts whole (a prompt is never
+            # split here), so a step may prefill up to one prompt over the budget. Under a budget
+            # requests are claimed one at a time, each checked against it.
+            budget = self.max_prefill_tokens
+            if budget and self._prefill_since_step >= budget:
+                self._prefill_wait = True
+                break
+            want = 1 if budget else room
             claimed = await self.store.claim(
-                self.id, room, self.config.lease_ms, self.engine.models())
+                self.id, want, self.config.lease_ms, self.engine.models())
             self._starting += len(claimed)
             for c in claimed:
+                self._prefill_since_step += (int(c.fields.get("prompt_tokens") or 0)
+                                             + int(c.fields.get("out") or 0))
                 self._model_of[c.request_id] = c.fields["model"]
                 self.running[c.request_id] = asyncio.create_task(
                     self._serve(c), name=f"serve-{c.request_id}")
             total += len(claimed)
-            self._backlog = len(claimed) == room
+            self._backlog = len(claimed) == want
             if not self._backlog:
                 break
         return total
@@ -235,6 +273,10 @@ class WorkerRunner:
                 if out.finished:  # aborted or evicted: whoever stopped it owns what follows
                     return
                 if out.token_ids:
+                    self._prefill_since_step = 0  # a step ended (see _pull)
+                    if self._prefill_wait:
+                        self._prefill_wait = False
+                        self._wake.set()
                     status, detail = await self.store.append(
                         rid, self.id, index, list(out.token_ids), out.text)
                     if status == "lost":  # cancelled, or taken over after our lease lapsed

@@ -38,6 +38,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     await self.runner.swap_model(action.swap_model.model)
                 elif kind == "warm_model":
                     await engine.warm_model(action.warm_model.model)
+                elif kind == "step_limit":
+                    self.runner.set_step_limit(action.step_limit.max_running,
+                                               action.step_limit.max_prefill_tokens)
             except EngineError as e:
                 failures.append(f"{kind}: {e}")
         self.runner.wake()  # the virtual queue changed with the plan

@@ -3,11 +3,11 @@ local function finalize(p, rid, state, reason, err, now, retention_s)
   local req = p .. 'req:' .. rid
   redis.call('HSET', req, 'state', state, 'finish_reason', reason, 'error', err, 'finish_ms', now)
   local f = redis.call('HMGET', req, 'out', 'prompt_tokens', 'arrival_ms', 'start_ms',
-    'first_token_ms', 'deadline_ms', 'group', 'model', 'cls', 'worker')
-  for i = 1, 10 do f[i] = f[i] or '' end  -- HMGET gives false for absent fields
+    'first_token_ms', 'deadline_ms', 'group', 'model', 'cls', 'worker', 'tpot_ms')
+  for i = 1, 11 do f[i] = f[i] or '' end  -- HMGET gives false for absent fields
   -- the final entry carries the usage, so a reader needs nothing else to close a stream
   local final = {'f', reason, 'e', err, 'n', f[1], 'p', f[2], 'a', f[3], 's', f[4],
-    'ft', f[5], 'd', f[6], 'end', now}
+    'ft', f[5], 'd', f[6], 'end', now, 'tp', f[11]}
   local id = redis.call('XADD', p .. 'out:' .. rid, '*', unpack(final))
   local message = {r = rid, id = id}
   for i = 1, #final, 2 do message[final[i]] = final[i + 1] end
