@@ -218,6 +218,68 @@ def test_a_free_slot_means_no_wait_and_a_full_batch_waits_for_one_completion():
     assert 0 < waits[2].mean < 100 * 0.01  # 4 ahead: the first of 4 to finish, not all of them
 
 
+def test_a_batch_that_holds_the_kv_cache_makes_a_request_wait_with_slots_free():
+    # 8 slots, 4 running, each holding 1,000 tokens of context and ~100 to come: 4,400 of a
+    # 5,000-token cache. A 100-token prompt fits at once, a 1,000-token one after a completion.
+    s = OutputLengthStats(prior_mean=100, prior_std=10, prior_weight=1000)
+    est = estimator(s, Profile(max_running=8, decode_step_ms=10, kv_capacity_tokens=5000))
+    running = [("c", 10, None, 1000)] * 4
+    small, large = (est.estimate("w", queue(1, prompt=p), running=running)[0] for p in (100, 1000))
+    assert small.quantile(Z95) == 0.0
+    assert large.mean > 0.5 * 90 * 0.01 / 4  # about a completion (90 tokens left, 4 running)
+    # without the contexts the estimator cannot tell, and takes the slots as the limit
+    blind = est.estimate("w", queue(1, prompt=1000), running=[("c", 10, None)] * 4)[0]
+    assert blind.quantile(Z95) == 0.0
+
+
+def test_a_request_that_may_not_fit_waits_in_a_mixture():
+    # what the batch holds is uncertain: 4,400 +- a few hundred against room for 4,500
+    s = OutputLengthStats(prior_mean=100, prior_std=100, prior_weight=1000)
+    est = estimator(s, Profile(max_running=8, decode_step_ms=10, kv_capacity_tokens=5000))
+    wait = est.estimate("w", queue(1, prompt=500), running=[("c", 10, None, 1000)] * 4)[0]
+    one = est.estimate("w", queue(1, prompt=2000), running=[("c", 10, None, 1000)] * 4)[0]
+    assert 0 < wait.mean < one.mean  # it fits now with some probability, else after one
+    assert wait.quantile(Z95) > 0
+
+
+def test_output_lengths_are_learned_per_prompt_band():
+    s = OutputLengthStats(prior_weight=10)
+    for _ in range(200):
+        s.observe("m", "c", 50, prompt_tokens=100)  # short prompts, short answers
+        s.observe("m", "c", 400, prompt_tokens=1500)
+    short, long_ = s.band(100), s.band(1500)
+    assert short != long_ and s.count("m", "c", short) == 200 and s.count("m", "c") == 400
+    assert s.mean("m", "c", band=short) == pytest.approx(50, abs=10)  # 10 of 210 the class
+    assert s.mean("m", "c", band=long_) == pytest.approx(400, abs=10)
+    assert s.mean("m", "c") == pytest.approx(225, abs=10)
+    assert s.mean("m", "c", band=s.band(20_000)) == s.mean("m", "c")  # unseen: the class's
+    # a band with few completions leans on its class (its prior)
+    s.observe("m", "c", 1000, prompt_tokens=5000)
+    assert 225 < s.mean("m", "c", band=s.band(5000)) < 700
+    assert s.quantile("m", "c", 0.5, band=long_) == pytest.approx(400)
+    # a group's work is read in its band: the wait behind one request of each kind
+    est = estimator(s, Profile(max_running=1, decode_step_ms=10))
+    for p in (100, 1500):
+        wait = est.estimate("w", queue(1, 1, prompt=p))[1].mean
+        assert wait == pytest.approx(s.mean("m", "c", band=s.band(p)) * 0.01)
+
+
+def test_a_drifting_window_widens_the_standard_error():
+    rng = np.random.default_rng(3)
+    steady, drifting = OutputLengthStats(prior_weight=0), OutputLengthStats(prior_weight=0)
+    for i in range(1024):
+        steady.observe("m", "c", int(rng.normal(300, 60)))
+        # the same spread overall, but stretches of 128 requests at 200 or 400 on average
+        drifting.observe("m", "c", int(rng.normal(200 if i // 128 % 2 else 400, 60)))
+    assert steady.standard_error("m", "c") < 0.01 * 300
+    assert drifting.standard_error("m", "c") > 0.2 * 300
+    # too few completions to tell: sampling error and the prior's pull only
+    few = OutputLengthStats(prior_weight=0)
+    for i in range(100):
+        few.observe("m", "c", 200 if i % 2 else 400)
+    assert few.standard_error("m", "c") == pytest.approx(math.sqrt(few.variance("m", "c") / 100))
+
+
 def test_faster_instance_gets_shorter_waits():
     tp = InstanceThroughput(Profile())
     tp.set_profile("fast", "m", Profile(decode_step_ms=10))

@@ -316,6 +316,8 @@ async def test_planner_runs_the_qlm_policy_live_and_learns(redis_server, tmp_pat
         assert plan.policy == "qlm" and plan.leader
         assert loop.policy.lengths.count("small", "interactive") > 0
         assert loop.policy.lengths.mean("small", "batch") < 256  # learned: 6, prior 256
+        # and per prompt band, from the prompt tokens the finished events carry
+        assert loop.policy.lengths.count("small", "interactive", loop.policy.lengths.band(3)) > 0
     finally:
         await stack.stop()
 

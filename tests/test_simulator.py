@@ -109,3 +109,28 @@ def test_nothing_is_lost_across_models_and_instances():
         assert all(r.spec.arrival_s <= r.start_s < r.first_token_s <= r.finish_s
                    for r in res.requests)
         assert res.plans > 0 and len(res.planner_ms) == res.plans
+
+
+def test_a_learning_policy_hears_each_completion_with_its_prompt():
+    from qlm.core.estimator import InstanceThroughput
+    from qlm.core.plan_generator import PlanGenerator
+
+    tp = InstanceThroughput(profile())
+    gen = PlanGenerator(tp)
+    heard = []
+
+    class OldStyle:  # a policy whose observe takes no prompt (as a wrapper may)
+        def __call__(self, snapshot):
+            return policies.get("edf")(snapshot)
+
+        def observe(self, model, slo_class, output_tokens):
+            heard.append(output_tokens)
+
+    requests = [req(i, 0.01 * i, 5 if i % 2 else 40, prompt=50 if i % 2 else 1500)
+                for i in range(20)]
+    Simulation(requests, fleet(), gen).run()
+    assert gen.lengths.count("m", "batch", gen.lengths.band(50)) == 10
+    assert gen.lengths.mean("m", "batch", band=gen.lengths.band(50)) < gen.lengths.mean(
+        "m", "batch", band=gen.lengths.band(1500))
+    Simulation(requests, fleet(), OldStyle()).run()
+    assert sorted(heard) == sorted(r.output_length for r in requests)

@@ -10,6 +10,8 @@ Choices beyond the paper, each for a known weakness of the published estimator:
   sums, the window gives E[min(L, cap)] and its variance for any max_tokens cap in O(log n), for
   whatever shape the lengths have (heavy tailed: log-normal, Pareto), follows drift, and answers
   "tokens left for a request that has produced g" (which grows with g under heavy tails).
+  Per prompt-length band too (the groups' prompt buckets), with the class as the band's prior:
+  output length depends on the prompt, and a group is of one band.
 - Tails: `quantile`/`p_meets` read a gamma matched to the wait's mean and variance (through the
   Wilson-Hilferty cube-root normal, closed form both ways), shifted by its deterministic part
   (swaps, prefill). Sums of positive skewed lengths are skewed, a gamma is too, and it tends to
@@ -18,16 +20,23 @@ Choices beyond the paper, each for a known weakness of the published estimator:
   under-covered by up to 4-5.
 - Parameter uncertainty: the learned mean is off by its standard error for every request of a
   key at once, so it adds (requests * se)^2 to the variance; without it long queues (whose
-  relative spread is small) are overconfident.
+  relative spread is small) are overconfident. The standard error includes the drift of the
+  mean between stretches of requests, measured on the window.
 - Batching: an instance runs b = max_running sequences (fewer when the KV cache holds fewer of a
-  group's prompt + max_tokens), each one token per decode step of step_s(b). A group starts when
-  a slot frees: with n requests ahead (running + queued) and n < b at once; else after
-  m = n - b + 1 completions. A busy batch completes requests at b / (step * mean length) per
-  second whatever the length distribution (renewal theory), so the wait is m requests' work at
-  the full-batch rate; running requests count as fresh ones then, with exponential spacing (b
-  staggered requests complete like a Poisson stream), blended with their known remaining
-  lengths by 1/b (exact for b = 1). Charging all work ahead at W / rate, as the published
-  estimator does, overestimates the wait of the first groups by up to a batch's work.
+  group's prompt + max_tokens, or of what the running requests hold: context + expected output
+  to come), each one token per decode step of step_s(b). A group starts when a slot frees
+  and, where the running requests' contexts are known, its first request fits in KV: with n
+  requests ahead (running + queued) and n < b at once; else after m = n - b + 1 completions.
+  Whether it fits is uncertain (so is the output the batch still holds): it fits now with a
+  probability, else after the completions that free enough, and the wait is that mixture
+  (under load a KV-bound batch keeps slots free that no request can use: reading them as
+  free caused nearly all the estimator's misses on the wa scenario). A busy batch completes
+  requests at b / (step * mean length) per second whatever the length distribution (renewal
+  theory), so the wait is m requests' work at the full-batch rate; running requests count as
+  fresh ones then, with exponential spacing (b staggered requests complete like a Poisson
+  stream), blended with their known remaining lengths by 1/b (exact for b = 1). Charging all
+  work ahead at W / rate, as the published estimator does, overestimates the wait of the first
+  groups by up to a batch's work.
 - A model change first drains the instance: its end is the fluid drain time or, when later, the
   end of the longest of the last k in flight (quantiles of the max of k lengths; heavy tails
   make the drain last much longer than its average work), then the swap time is added.
@@ -37,10 +46,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import deque
+from collections import Counter, deque
 from statistics import NormalDist
 
 import numpy as np
+
+from .groups import prompt_bucket
 
 _N01 = NormalDist()
 Key = tuple[str, str]
@@ -53,7 +64,13 @@ def _lognormal_params(mean: float, var: float) -> tuple[float, float]:
 
 
 class OutputLengthStats:
-    """Output tokens per (model, slo_class): log-normal prior + window of recent completions."""
+    """Output tokens per (model, slo_class), and per prompt-length band within it: log-normal
+    prior + window of recent completions.
+
+    Bands are the request groups' prompt buckets (powers of two): output length depends on the
+    prompt (on the Azure conversation trace the mean output per band ranges from 68 to 341
+    tokens, against 259 overall), and a group is of one band. A band's window is blended with
+    its class's distribution as the prior, so a band with few completions reads its class."""
 
     def __init__(self, prior_mean=256.0, prior_std=256.0, prior_weight=20.0, window=1024):
         if prior_mean <= 0 or prior_std < 0 or prior_weight < 0 or window < 1:
@@ -61,30 +78,74 @@ class OutputLengthStats:
         self.prior_weight = float(prior_weight)
         self._mu, self._sigma = _lognormal_params(prior_mean, max(prior_std, 1e-6) ** 2)
         self._window = window
-        self._samples: dict[Key, deque] = {}
-        self._sorted: dict[Key, tuple[np.ndarray, np.ndarray, np.ndarray, dict]] = {}
+        # keys: (model, class) and (model, class, band)
+        self._samples: dict[tuple, deque] = {}
+        self._sorted: dict[tuple, tuple] = {}
+        self._bands: dict[Key, set[tuple]] = {}
 
-    def observe(self, model: str, slo_class: str, output_tokens: int) -> None:
+    @staticmethod
+    def band(prompt_tokens: float | None) -> int | None:
+        """The band of a prompt of this many tokens (None: unknown)."""
+        return None if prompt_tokens is None else prompt_bucket(round(prompt_tokens))
+
+    def observe(self, model: str, slo_class: str, output_tokens: int,
+                prompt_tokens: int | None = None) -> None:
         key = (model, slo_class)
-        self._samples.setdefault(key, deque(maxlen=self._window)).append(max(output_tokens, 0))
-        self._sorted.pop(key, None)
+        keys = [key]
+        if prompt_tokens is not None:
+            keys.append((model, slo_class, self.band(prompt_tokens)))
+            self._bands.setdefault(key, set()).add(keys[1])
+        for k in keys:
+            self._samples.setdefault(k, deque(maxlen=self._window)).append(max(output_tokens, 0))
+        # the class is every band's prior: their answers change with it
+        for k in (key, *self._bands.get(key, ())):
+            self._sorted.pop(k, None)
 
-    def count(self, model: str, slo_class: str) -> int:
-        return len(self._samples.get((model, slo_class), ()))
+    def count(self, model: str, slo_class: str, band: int | None = None) -> int:
+        """Completions seen of the class, or of one band of it."""
+        key = (model, slo_class) if band is None else (model, slo_class, band)
+        return len(self._samples.get(key, ()))
 
-    def _table(self, key: Key):
+    def _key(self, model: str, slo_class: str, band: int | None) -> tuple:
+        """The band's key when it has completions, else the class's."""
+        if band is not None and (model, slo_class, band) in self._samples:
+            return (model, slo_class, band)
+        return (model, slo_class)
+
+    # completions per block when measuring drift, and the fewest blocks that measure it
+    DRIFT_BLOCK, DRIFT_BLOCKS = 64, 4
+
+    def _table(self, key: tuple):
         if key not in self._sorted:
-            s = np.sort(np.asarray(self._samples.get(key, ()), dtype=float))
+            raw = np.asarray(self._samples.get(key, ()), dtype=float)
+            s = np.sort(raw)
             zero = np.zeros(1)
             self._sorted[key] = (
                 s,
                 np.concatenate((zero, np.cumsum(s))),
                 np.concatenate((zero, np.cumsum(s * s))),
                 {},
+                self._drift(raw),
             )
         return self._sorted[key]
 
-    def _memo(self, key: Key, args: tuple, compute):
+    def _drift(self, raw: np.ndarray) -> float | None:
+        """How far the mean length of a stretch of requests strays from the window's, relative
+        to it: the spread of the window's block means beyond what sampling explains (None: too
+        few completions to tell). Traces drift (on the Azure conversation trace the means of
+        100 consecutive requests spread 2.3x more than independent lengths would), and a batch
+        of requests that arrived together shares its stretch's mean: an error no larger window
+        averages away."""
+        k = self.DRIFT_BLOCK
+        blocks = len(raw) // k
+        if blocks < self.DRIFT_BLOCKS:
+            return None
+        means = raw[len(raw) - blocks * k:].reshape(blocks, k).mean(axis=1)
+        between = means.var(ddof=1) - raw.var() / k
+        mean = raw.mean()
+        return math.sqrt(between) / mean if between > 0 and mean > 0 else 0.0
+
+    def _memo(self, key: tuple, args: tuple, compute):
         """Answers are cached until the key's next observation: a planner asks many times."""
         memo = self._table(key)[3]
         if args not in memo:
@@ -101,60 +162,85 @@ class OutputLengthStats:
             return 1.0
         return _N01.cdf((math.log(x) - self._mu - k * self._sigma**2) / self._sigma)
 
-    def moments(self, model, slo_class, cap=None, generated=0) -> tuple[float, float]:
+    def moments(self, model, slo_class, cap=None, generated=0, band=None) -> tuple[float, float]:
         """Mean and variance of the tokens still to come, min(L, cap) - generated, for a request
-        that has produced `generated` tokens (so L > generated); E[min(L, cap)] for a new one."""
-        return self._moments_se(model, slo_class, cap, generated)[:2]
+        that has produced `generated` tokens (so L > generated); E[min(L, cap)] for a new one.
+        band: its prompt's (see band()), None: its class's as a whole."""
+        return self._moments_se(model, slo_class, cap, generated, band)[:2]
 
-    def standard_error(self, model, slo_class, cap=None) -> float:
-        """How far the estimated mean of min(L, cap) may be off: sampling error of the window
-        plus the pull of the prior (its pseudo-observations times its distance from the data)."""
-        return self._moments_se(model, slo_class, cap, 0)[2]
+    def standard_error(self, model, slo_class, cap=None, generated=0, band=None) -> float:
+        """How far the estimated mean of min(L, cap) - generated may be off for the requests
+        arriving now: sampling error of the window, the pull of the prior (its
+        pseudo-observations times its distance from the data), and the drift of the mean."""
+        return self._moments_se(model, slo_class, cap, generated, band)[2]
 
-    def _moments_se(self, model, slo_class, cap, generated) -> tuple[float, float, float]:
-        key = (model, slo_class)
+    def _moments_se(self, model, slo_class, cap, generated, band) -> tuple[float, float, float]:
+        key = self._key(model, slo_class, band)
         return self._memo(key, ("m", cap, generated), lambda _, c, g: self._compute(key, c, g))
 
-    def _compute(self, key: Key, cap, generated) -> tuple[float, float, float]:
+    def _prior(self, key: tuple, c: float, g: float) -> tuple[float, float, float]:
+        """Under the prior of `key` (weight 1): P(L > g) and E[min(L, c)^k; L > g], k = 1, 2.
+        A class's prior is the log-normal; a band's is its class's distribution."""
+        if len(key) == 3:
+            s, c1, c2 = self._table(key[:2])[:3]
+            ig, ic = np.searchsorted(s, g, "right"), np.searchsorted(s, c, "left")
+            cut = 0.0 if math.isinf(c) else c
+            total = self.prior_weight + len(s)
+            ln = self._prior((), c, g)
+            data = (len(s) - ig, *(cs[ic] - cs[ig] + cut**k * (len(s) - ic)
+                                   for k, cs in ((1, c1), (2, c2))))
+            return tuple((self.prior_weight * p + d) / total for p, d in zip(ln, data,
+                                                                              strict=True))
+        p_cut, cut = 1.0 - self._prior_cdf(c), (0.0 if math.isinf(c) else c)
+        parts = [1.0 - self._prior_cdf(g)]
+        for k in (1, 2):
+            full = math.exp(k * self._mu + k * k * self._sigma**2 / 2)
+            parts.append(full * (self._prior_cdf(c, k) - self._prior_cdf(g, k)) + cut**k * p_cut)
+        return tuple(parts)
+
+    def _compute(self, key: tuple, cap, generated) -> tuple[float, float, float]:
         c, g = (math.inf if cap is None else float(cap)), float(generated)
-        s, c1, c2, _ = self._table(key)
+        s, c1, c2, _, drift = self._table(key)
+        if drift is None and len(key) == 3:
+            drift = self._table(key[:2])[4]
         ig, ic = np.searchsorted(s, g, "right"), np.searchsorted(s, c, "left")
-        w, p_cut, p_above = self.prior_weight, 1.0 - self._prior_cdf(c), 1 - self._prior_cdf(g)
-        n = len(s) - ig
+        w, n = self.prior_weight, len(s) - ig
+        p_above, *prior = self._prior(key, c, g)
         if c <= g or w * p_above + n <= 1e-12:
             return 0.0, 0.0, 0.0
         cut = 0.0 if math.isinf(c) else c
-        prior, data = [], []  # first and second moments: the prior's (weight 1), the data's sums
-        for k, cs in ((1, c1), (2, c2)):
-            full = math.exp(k * self._mu + k * k * self._sigma**2 / 2)
-            prior.append(full * (self._prior_cdf(c, k) - self._prior_cdf(g, k)) + cut**k * p_cut)
-            data.append(cs[ic] - cs[ig] + cut**k * (len(s) - ic))
+        data = [cs[ic] - cs[ig] + cut**k * (len(s) - ic) for k, cs in ((1, c1), (2, c2))]
         mass = w * p_above + n
         m1, m2 = ((w * p + d) / mass for p, d in zip(prior, data, strict=True))
         var = max(m2 - m1 * m1, 0.0)
         pull = w * p_above / mass * (prior[0] / p_above - data[0] / n) if n and p_above else 0.0
-        return float(m1 - g), float(var), math.sqrt(var / mass + pull * pull)
+        shift = (drift or 0.0) * (m1 - g)
+        return float(m1 - g), float(var), math.sqrt(var / mass + pull * pull + shift * shift)
 
-    def mean(self, model: str, slo_class: str, cap: int | None = None) -> float:
-        return self.moments(model, slo_class, cap)[0]
+    def mean(self, model: str, slo_class: str, cap: int | None = None, band=None) -> float:
+        return self.moments(model, slo_class, cap, band=band)[0]
 
-    def variance(self, model: str, slo_class: str, cap: int | None = None) -> float:
-        return self.moments(model, slo_class, cap)[1]
+    def variance(self, model: str, slo_class: str, cap: int | None = None, band=None) -> float:
+        return self.moments(model, slo_class, cap, band=band)[1]
 
-    def quantile(self, model, slo_class, q: float, cap=None, generated=0) -> float:
+    def quantile(self, model, slo_class, q: float, cap=None, generated=0, band=None) -> float:
         """q-quantile of min(L, cap) - generated given L > generated: from the window once its
-        samples above `generated` outnumber the prior's pseudo-observations there."""
-        key = (model, slo_class)
+        samples above `generated` outnumber the prior's pseudo-observations there, else from
+        the prior (a band's: its class's)."""
+        key = self._key(model, slo_class, band)
         return self._memo(key, (q, cap, generated), lambda *a: self._quantile(key, *a))
 
-    def _quantile(self, key: Key, q: float, cap, generated) -> float:
+    def _quantile(self, key: tuple, q: float, cap, generated) -> float:
         s, g = self._table(key)[0], float(generated)
         i0 = int(np.searchsorted(s, g, "right"))
-        n, p_above = len(s) - i0, 1.0 - self._prior_cdf(g)
+        n = len(s) - i0
+        p_above = self._prior(key, math.inf, g)[0]
         if n and n >= self.prior_weight * p_above:
             pos = q * (n - 1)
             i = min(int(pos), n - 2) if n > 1 else 0
             x = s[i0 + i] if n == 1 else s[i0 + i] + (pos - i) * (s[i0 + i + 1] - s[i0 + i])
+        elif len(key) == 3:
+            return self.quantile(*key[:2], q, cap, generated)
         else:
             u = min(max(1.0 - p_above + q * p_above, 1e-12), 1 - 1e-12)
             x = math.exp(self._mu + self._sigma * _N01.inv_cdf(u))
@@ -210,6 +296,10 @@ class InstanceThroughput:
         if kv and tokens_per_seq:
             return max(1, min(p.max_running, int(kv // tokens_per_seq)))
         return p.max_running
+
+    def kv_capacity(self, worker: str, model: str) -> float:
+        """Tokens its KV cache holds (0: unknown, not a limit)."""
+        return float(getattr(self.profile(worker, model), "kv_capacity_tokens", 0) or 0)
 
     def decode_rate(self, worker: str, model: str, batch: int | None = None) -> float:
         """Output tokens per second over the whole batch (default: a full one)."""
@@ -269,27 +359,57 @@ class WaitEstimate:
 
 
 class _Segment:
-    """Work of consecutive groups of one model, in one slot's seconds (per-sequence time)."""
+    """Work of consecutive groups of one model, in one slot's seconds (per-sequence time).
 
-    def __init__(self, batch: int):
+    batch: the sequences that run at once (what sets the completion rate); slots: the most the
+    engine runs (max_running); kv_cap: its KV cache in tokens (0: not modelled, when what the
+    running requests hold is unknown)."""
+
+    def __init__(self, batch: int, slots: int | None = None, kv_cap: float = 0.0):
         self.batch, self.n, self.prefill = batch, 0, 0.0
+        self.slots, self.kv_cap = slots or batch, kv_cap
         self.mean = self.var = self.left = self.left_var = 0.0  # left: running ones' remainder
+        self.kv = self.kv_var = 0.0  # KV cache its requests hold (mean, variance), tokens
+        self.kv_se: dict[Key, float] = {}  # and the error of the learned means, per key
         self.se: dict[Key, float] = {}
-        # distinct (step, model, class, cap, generated) in it, for drain tails: the longest of
+        # distinct (step, model, class, cap, generated, band) in it, for drain tails: the longest of
         # the last k depends only on which kinds of request are there, not on how many
         self.members: dict[tuple, None] = {}
 
-    def add(self, key: Key, count, mean, var, se, member, left=None) -> None:
+    def add(self, key: Key, count, mean, var, se, member, left=None,
+            kv=(0.0, 0.0, 0.0)) -> None:
         self.n += count
         self.mean, self.var = self.mean + count * mean, self.var + count * var
         lm, lv = left or (mean, var)
         self.left, self.left_var = self.left + count * lm, self.left_var + count * lv
+        self.kv, self.kv_var = self.kv + count * kv[0], self.kv_var + count * kv[1]
+        self.kv_se[key] = self.kv_se.get(key, 0.0) + count * kv[2]
         self.se[key] = self.se.get(key, 0.0) + count * se
         self.members[member] = None
 
-    def slot_frac(self) -> float:
-        """Share of the work ahead done before a slot frees, per slot (0: one is free)."""
-        return 0.0 if self.n < self.batch else (self.n - self.batch + 1) / self.n / self.batch
+    def slot_frac(self, need=None) -> tuple[tuple[float, float], ...]:
+        """When a request needing `need` = (mean, variance, key, se) tokens of KV cache can
+        start: the share of the work ahead done by then, per slot (0: at once), as
+        (probability, share) cases. It needs a slot and, where KV is modelled, room in KV: the
+        requests ahead hold an uncertain amount (their outputs are, and so is the learned mean
+        they share), so it fits now with some probability, else after the completions that
+        free enough (m, each freeing their mean)."""
+        if self.n == 0:
+            return ((1.0, 0.0),)
+        if not self.kv_cap or need is None:
+            m = self.n - self.batch + 1
+            return ((1.0, 0.0 if m <= 0 else m / self.n / self.batch),)
+        m_slot = max(0, self.n - self.slots + 1)
+        excess = self.kv + need[0] - self.kv_cap
+        shared = dict(self.kv_se)
+        shared[need[2]] = shared.get(need[2], 0.0) + need[3]
+        sd = math.sqrt(self.kv_var + need[1] + sum(v * v for v in shared.values()))
+        p_fit = _N01.cdf(-excess / sd) if sd > 0 else float(excess <= 0)
+        m_kv = min(self.n, max(1, math.ceil(excess * self.n / self.kv))) if self.kv else 1
+        per = 1 / self.n / self.batch
+        if p_fit >= 1.0 or m_slot >= m_kv:
+            return ((1.0, m_slot * per),)
+        return ((p_fit, m_slot * per), (1 - p_fit, m_kv * per))
 
     def drain(self, lengths: OutputLengthStats) -> tuple[float, float, float]:
         """(mean, variance, se scale) of the time until all of the segment has finished."""
@@ -300,8 +420,8 @@ class _Segment:
 
         def end(a: float) -> float:  # a-quantile of the longest of the last k
             return start + max(
-                st * lengths.quantile(m, c, a ** (1 / k), cap, g)
-                for st, m, c, cap, g in self.members
+                st * lengths.quantile(m, c, a ** (1 / k), cap, g, band)
+                for st, m, c, cap, g, band in self.members
             )
 
         med, hi = end(0.5), end(0.95)
@@ -330,7 +450,8 @@ class WaitingTimeEstimator:
         """Wait until each group of `queue` (QueuedGroups in serving order) starts on `worker`.
 
         model: the model loaded now (None: the first group's). running: the batch now, as
-        (slo_class, generated_tokens, max_tokens or None) per request. swap_s: the cost of each
+        (slo_class, generated_tokens, max_tokens or None[, context_tokens]) per request, its
+        context (prompt + output so far) when known, for the KV it holds. swap_s: the cost of each
         model change along the queue (and before its first group, when `model` differs)."""
         loaded = model if model is not None else (queue[0].model if queue else None)
         waits = self.queue(worker, loaded, running, swap_s)
@@ -365,23 +486,45 @@ class QueueWaits:
         # takes new work only at a step boundary, however free its slots)
         self.swaps = ready_s
         self.base_se: dict[Key, float] = {}
-        self.seg = _Segment(tp.batch(worker, model) if model is not None else 1)
         self.queued = 0
         self._drained = None  # the drain of `seg`, computed once per segment
+        # identical requests (same class, progress, cap and context) are estimated once
+        kinds = Counter((*r[:3], r[3] if len(r) > 3 else None) for r in running)
+        if model is None:
+            kinds.clear()
+        # a running request's prompt is its context less its output so far
+        left = {r: (ls.band(r[3] - r[1]) if r[3] is not None else None,
+                    *ls.moments(model, r[0], r[2], r[1],
+                                ls.band(r[3] - r[1]) if r[3] is not None else None))
+                for r in kinds}
+        # what the batch holds in KV cache: each request its context and the output still to
+        # come (the engine reserves it; paged, it grows there). When that is the limit, fewer
+        # than max_running fit: a request waits for KV with slots free
+        known = all(r[3] is not None for r in kinds)  # else KV is not modelled on this segment
+        if model is None:
+            self.seg = _Segment(1)
+        else:
+            n = sum(kinds.values())
+            kv = sum(k * (r[3] + left[r][1]) for r, k in kinds.items()) if known and n else 0
+            self.seg = _Segment(tp.batch(worker, model, kv / n if kv else None),
+                                tp.batch(worker, model),
+                                tp.kv_capacity(worker, model) if known else 0.0)
         w = 1 / self.seg.batch
-        for cls, generated, cap in running if model is not None else ():
+        for (cls, generated, cap, c), count in kinds.items():
+            band, lm, lv = left[(cls, generated, cap, c)]
             step = tp.step_s(worker, model, self.seg.batch)
-            m, v = ls.moments(model, cls, cap)
-            lm, lv = ls.moments(model, cls, cap, generated)
-            se = ls.standard_error(model, cls, cap)
+            m, v = ls.moments(model, cls, cap, band=band)
+            se = ls.standard_error(model, cls, cap, band=band)
             mix = (w * lm + (1 - w) * m) * step, (w * lv + (1 - w) * m * m) * step**2
             self.seg.add(
                 (model, cls),
-                1,
+                count,
                 *mix,
                 se * step,
-                (step, model, cls, cap, generated),
+                (step, model, cls, cap, generated, band),
                 (lm * step, lv * step**2),
+                ((c + lm, lv, ls.standard_error(model, cls, cap, generated, band))
+                 if self.seg.kv_cap else (0.0, 0.0, 0.0)),
             )
 
     def _drain(self):
@@ -400,19 +543,48 @@ class QueueWaits:
     def next_wait(self, g) -> WaitEstimate:
         if g.model != self.loaded:
             base_mean, base_var, base_se, swaps = self._after_change()
-            return self._wait(base_mean, base_var, base_se, swaps, _Segment(1), 0.0)
+            return self._wait(base_mean, base_var, base_se, swaps, _Segment(1), ((1.0, 0.0),))
         return self._wait(self.base_mean, self.base_var, self.base_se, self.swaps, self.seg,
-                          self.seg.slot_frac())
+                          self.seg.slot_frac(self._kv_need(g)))
 
-    def _wait(self, base_mean, base_var, base_se, swaps, seg, f) -> WaitEstimate:
-        shared = sum(
-            (base_se.get(k, 0.0) + f * seg.se.get(k, 0.0)) ** 2
-            for k in base_se.keys() | seg.se.keys()
-        )
-        fixed = swaps + (seg.prefill if f or self.chunked else 0.0)
+    def _kv_need(self, g) -> tuple | None:
+        """KV cache one request of g holds, (mean, variance, key, se): its prompt and its
+        output."""
+        if not self.seg.kv_cap:
+            return None
+        q, ls = max(g.queued, 1), self.est.lengths
+        cap, band = g.max_tokens / q if g.max_tokens else None, group_band(ls, g)
+        m, v = ls.moments(g.model, g.slo_class, cap, band=band)
+        return (g.prompt_tokens / q + m, v, (g.model, g.slo_class),
+                ls.standard_error(g.model, g.slo_class, cap, band=band))
+
+    def _wait(self, base_mean, base_var, base_se, swaps, seg, cases) -> WaitEstimate:
+        """The wait given when g starts (`cases`, see slot_frac); several cases make a mixture,
+        given by its mean and variance."""
+        if len(cases) == 1:  # the common case, in a planner's inner loop
+            f = cases[0][1]
+            shared = sum(
+                (base_se.get(k, 0.0) + f * seg.se.get(k, 0.0)) ** 2
+                for k in base_se.keys() | seg.se.keys()
+            )
+            fixed = swaps + (seg.prefill if f or self.chunked else 0.0)
+            return WaitEstimate(base_mean + fixed + f * seg.mean,
+                                math.sqrt(base_var + f * seg.var / seg.batch + shared),
+                                fixed, self.est.tail)
+        mean = second = 0.0
+        for p, f in cases:
+            shared = sum(
+                (base_se.get(k, 0.0) + f * seg.se.get(k, 0.0)) ** 2
+                for k in base_se.keys() | seg.se.keys()
+            )
+            m = (seg.prefill if f or self.chunked else 0.0) + f * seg.mean
+            mean += p * m
+            second += p * (f * seg.var / seg.batch + shared + m * m)
+        # the prefill is a sure delay only when every case waits
+        fixed = swaps + (seg.prefill if self.chunked or min(f for _, f in cases) else 0.0)
         return WaitEstimate(
-            base_mean + fixed + f * seg.mean,
-            math.sqrt(base_var + f * seg.var / seg.batch + shared),
+            base_mean + swaps + mean,
+            math.sqrt(max(base_var + second - mean * mean, 0.0)),
             fixed,
             self.est.tail,
         )
@@ -421,7 +593,8 @@ class QueueWaits:
         tp, ls = self.est.throughput, self.est.lengths
         if g.model != self.loaded:  # drain everything ahead, then swap
             self.base_mean, self.base_var, self.base_se, self.swaps = self._after_change()
-            self.loaded, self.seg = g.model, _Segment(tp.batch(self.worker, g.model))
+            self.loaded, self.seg = g.model, _Segment(
+                tp.batch(self.worker, g.model), None, tp.kv_capacity(self.worker, g.model))
         self._drained = None
         q = max(g.queued, 0)
         if q == 0:
@@ -429,19 +602,26 @@ class QueueWaits:
         self.queued += q
         seg, worker = self.seg, self.worker
         cap = g.max_tokens / q if g.max_tokens else None  # the average cap stands for each
-        m, v = ls.moments(g.model, g.slo_class, cap)
+        band = group_band(ls, g)
+        m, v = ls.moments(g.model, g.slo_class, cap, band=band)
         b = tp.batch(worker, g.model, g.prompt_tokens / q + (cap or m))
         seg.batch, step = min(seg.batch, b), tp.step_s(worker, g.model, b)
-        se = ls.standard_error(g.model, g.slo_class, cap)
+        se = ls.standard_error(g.model, g.slo_class, cap, band=band)
         seg.add(
             (g.model, g.slo_class),
             q,
             m * step,
             v * step**2,
             se * step,
-            (step, g.model, g.slo_class, cap, 0),
+            (step, g.model, g.slo_class, cap, 0, band),
+            kv=(g.prompt_tokens / q + m, v, se),
         )
         seg.prefill += g.prompt_tokens * tp.prefill_s_per_token(worker, g.model)
+
+
+def group_band(lengths: OutputLengthStats, g) -> int | None:
+    """The prompt band of a group's requests (None: its prompts are not known)."""
+    return lengths.band(g.prompt_tokens / g.queued) if g.prompt_tokens > 0 and g.queued else None
 
 
 class Calibration:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import inspect
 from collections.abc import Callable, Mapping
 from statistics import NormalDist
 
@@ -39,6 +40,7 @@ from .estimator import (
     QueuedGroup,
     WaitEstimate,
     WaitingTimeEstimator,
+    group_band,
 )
 from .plan import GroupView, Plan, RunningView, Snapshot, WorkerView
 from .tpot import CappedThroughput, step_limits
@@ -47,17 +49,19 @@ from .tpot import CappedThroughput, step_limits
 class ExactLengths(OutputLengthStats):
     """What an oracle knows: every request's output length is its max_tokens, exactly."""
 
-    def moments(self, model, slo_class, cap=None, generated=0):
+    def moments(self, model, slo_class, cap=None, generated=0, band=None):
         if cap is None:
-            return super().moments(model, slo_class, cap, generated)
+            return super().moments(model, slo_class, cap, generated, band)
         return max(float(cap) - generated, 0.0), 0.0
 
-    def standard_error(self, model, slo_class, cap=None) -> float:
-        return 0.0 if cap is not None else super().standard_error(model, slo_class, cap)
+    def standard_error(self, model, slo_class, cap=None, generated=0, band=None) -> float:
+        if cap is not None:
+            return 0.0
+        return super().standard_error(model, slo_class, cap, generated, band)
 
-    def quantile(self, model, slo_class, q, cap=None, generated=0) -> float:
+    def quantile(self, model, slo_class, q, cap=None, generated=0, band=None) -> float:
         if cap is None:
-            return super().quantile(model, slo_class, q, cap, generated)
+            return super().quantile(model, slo_class, q, cap, generated, band)
         return max(float(cap) - generated, 0.0)
 
 
@@ -106,6 +110,16 @@ class _LeastLoaded:
         return out
 
 
+def observer(policy) -> Callable | None:
+    """A policy's observe hook as f(model, slo_class, output_tokens, prompt_tokens): a policy
+    whose hook takes no prompt_tokens learns without them; None: it learns nothing."""
+    observe = getattr(policy, "observe", None)
+    if observe is None or "prompt_tokens" in inspect.signature(observe).parameters:
+        return observe
+    return lambda model, slo_class, output_tokens, prompt_tokens=None: observe(
+        model, slo_class, output_tokens)
+
+
 class PlanGenerator:
     def __init__(
         self,
@@ -147,8 +161,9 @@ class PlanGenerator:
 
     # --- learning --------------------------------------------------------------------------
 
-    def observe(self, model: str, slo_class: str, output_tokens: int) -> None:
-        self.lengths.observe(model, slo_class, output_tokens)
+    def observe(self, model: str, slo_class: str, output_tokens: int,
+                prompt_tokens: int | None = None) -> None:
+        self.lengths.observe(model, slo_class, output_tokens, prompt_tokens)
 
     def group_started(self, group_id: str, now_s: float) -> None:
         latest = self._latest.pop(group_id, None)
@@ -170,9 +185,7 @@ class PlanGenerator:
             self.estimator.throughput = CappedThroughput(self._throughput, plan.step_limits)
         waits = {
             w.id: self.estimator.queue(
-                w.id, w.loaded or None,
-                [(c, g, m or None) for c, g, m in w.running_work], self.swap_s(w.id),
-                w.ready_in_s)
+                w.id, w.loaded or None, self._running(w), self.swap_s(w.id), w.ready_in_s)
             for w in snapshot.workers
         }
         tail_model = {w.id: w.loaded for w in snapshot.workers}
@@ -249,7 +262,8 @@ class PlanGenerator:
             return False
         tp = self.estimator.throughput
         cap = g.max_tokens / g.queued if g.max_tokens and g.queued else None
-        mean_len, _ = self.lengths.moments(g.model, g.slo_class, cap)
+        mean_len, _ = self.lengths.moments(g.model, g.slo_class, cap,
+                                           band=group_band(self.lengths, g))
         batch = tp.batch(wid, g.model)
         work_s = g.queued * mean_len * tp.step_s(wid, g.model, batch) / batch
         next_budget = following[0].deadline_ms / 1000 - now_s
@@ -333,10 +347,18 @@ class PlanGenerator:
         return QueuedGroup(g.model, g.slo_class, 1, round(g.prompt_tokens / g.queued),
                            g.max_tokens / g.queued if g.max_tokens else None)
 
+    @staticmethod
+    def _running(w: WorkerView, running=None) -> list[tuple]:
+        """w's batch as the estimator takes it: by request, with the context each holds in
+        KV cache, when the snapshot names them; else as running_work."""
+        if running is None and len(w.running_requests) != len(w.running_work):
+            return [(c, g, m or None) for c, g, m in w.running_work]
+        return [(r.slo_class, r.generated, r.max_tokens or None, r.context_tokens or None)
+                for r in (w.running_requests if running is None else running)]
+
     def _head_queue(self, w: WorkerView, running):
-        return self.estimator.queue(
-            w.id, w.loaded, [(r.slo_class, r.generated, r.max_tokens or None) for r in running],
-            self.swap_s(w.id), w.ready_in_s)
+        return self.estimator.queue(w.id, w.loaded, self._running(w, running),
+                                    self.swap_s(w.id), w.ready_in_s)
 
     def _victims(self, w: WorkerView, g: GroupView, slo, tail, now_s) -> list[RunningView]:
         """Running requests of w that g may pre-empt: of a looser class, with their first token
@@ -348,7 +370,12 @@ class PlanGenerator:
                and self._keeps_tpot(w, r, slo[r.slo_class].tpot_s, tail, now_s)]
         return sorted(out, key=lambda r: (
             -slo[r.slo_class].ttft_s,
-            -self.lengths.moments(w.loaded, r.slo_class, r.max_tokens or None, r.generated)[0]))
+            -self.lengths.moments(w.loaded, r.slo_class, r.max_tokens or None, r.generated,
+                                  self._band(r))[0]))
+
+    def _band(self, r: RunningView) -> int | None:
+        """The prompt band of a running request (its context less its output so far)."""
+        return self.lengths.band(r.context_tokens - r.generated) if r.context_tokens else None
 
     def _keeps_tpot(self, w: WorkerView, r: RunningView, tpot_s, tail, now_s) -> bool:
         """Whether r still meets its time per output token if it is evicted now and resumes
@@ -359,7 +386,7 @@ class PlanGenerator:
             return False
         tp = self.estimator.throughput
         left = self.lengths.quantile(w.loaded, r.slo_class, self.confidence,
-                                     r.max_tokens or None, r.generated)
+                                     r.max_tokens or None, r.generated, self._band(r))
         stall = tail.next_wait(QueuedGroup(w.loaded, r.slo_class, 1, r.context_tokens))
         finish_s = (now_s - r.first_token_ms / 1000 + stall.quantile(self.z)
                     + r.context_tokens * self.resume_s_per_token(w.id, w.loaded)

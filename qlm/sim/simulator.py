@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from qlm.core.groups import group_kind
 from qlm.core.plan import GroupView, Plan, RunningView, SloView, Snapshot, WorkerView
+from qlm.core.plan_generator import observer
 from qlm.engines.sim import SimProfile
 from qlm.sim.scenarios import InstanceSpec, SimRequest
 
@@ -186,7 +187,7 @@ class Simulation:
         # An oracle policy is shown every request's true output length (as its max_tokens);
         # other policies see max_tokens as unknown, as a planner would for open-ended chats.
         self.oracle = oracle
-        self._observe = getattr(policy, "observe", None)
+        self._observe = observer(policy)
         self._group_started = getattr(policy, "group_started", None)
 
         self.now = 0.0
@@ -549,7 +550,8 @@ class Simulation:
                 inst.kv_used -= req.kv_tokens
                 self._done += 1
                 if self._observe:
-                    self._observe(req.spec.model, req.spec.slo_class, req.spec.output_length)
+                    self._observe(req.spec.model, req.spec.slo_class, req.spec.output_length,
+                                  req.spec.input_length)
             else:
                 still.append(req)
         inst.running = still

@@ -15,7 +15,7 @@ from qlm.core import policies
 from qlm.core.cpsat import RefinedPlanGenerator
 from qlm.core.estimator import InstanceThroughput
 from qlm.core.plan import GroupView, Plan, RunningView, SloView, Snapshot, WorkerView
-from qlm.core.plan_generator import PlanGenerator
+from qlm.core.plan_generator import PlanGenerator, observer
 from qlm.engines.sim import SimProfile
 from qlm.serving import cancel_and_wait
 from qlm.state.store import QueueStore
@@ -119,7 +119,7 @@ class PlannerLoop:
         self.policy_name = policy or config.planner_policy
         self.policy = build_policy(config, self.policy_name)
         # a learning policy hears of completions and of groups starting
-        self._observe = getattr(self.policy, "observe", None)
+        self._observe = observer(self.policy)
         self._group_started = getattr(self.policy, "group_started", None)
         self.id = planner_id or uuid.uuid4().hex[:12]
         self.epoch = 0
@@ -174,7 +174,9 @@ class PlannerLoop:
         for event_id, e in events:
             kind = e.get("type")
             if kind == "finished" and self._observe:
-                self._observe(e.get("model", ""), e.get("cls", ""), int(e.get("out") or 0))
+                prompt = e.get("prompt_tokens")
+                self._observe(e.get("model", ""), e.get("cls", ""), int(e.get("out") or 0),
+                              int(prompt) if prompt else None)
             elif kind == "start" and self._group_started:
                 self._group_started(e.get("gid", ""), int(event_id.split("-")[0]) / 1000)
 
