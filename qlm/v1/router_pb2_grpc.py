@@ -76,9 +76,9 @@ class RouterServicer:
         no tokens; then come token chunks; the last message carries `finished`.
         Cancelling the call (or letting its gRPC deadline pass) cancels the request: it leaves its
         queue or is aborted on its worker. Errors: INVALID_ARGUMENT (empty prompt, bad sampling
-        parameters, prompt or max_tokens over the model's limit), NOT_FOUND (unknown model or SLO
-        class), RESOURCE_EXHAUSTED (the class's queue is full, or the message is too large),
-        UNAVAILABLE (queue state unreachable).
+        parameters, prompt or max_tokens over the model's limit, tpot_deadline_ms over 60000),
+        NOT_FOUND (unknown model or SLO class), RESOURCE_EXHAUSTED (the class's queue is full, or
+        the message is too large), UNAVAILABLE (queue state unreachable).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
