@@ -44,7 +44,8 @@ async def take_snapshot(store: QueueStore, workers: dict[str, dict[str, str]],
         ),
         workers=tuple(_worker_view(wid, info, running[wid])
                       for wid, info in sorted(workers.items())),
-        slo_classes={n: SloView(c.ttft_deadline_ms / 1000)
+        slo_classes={n: SloView(c.ttft_deadline_ms / 1000,
+                                c.tpot_deadline_ms / 1000 if c.tpot_deadline_ms else None)
                      for n, c in (config.slo_classes if config else {}).items()},
     )
 
@@ -85,8 +86,11 @@ def _worker_view(wid: str, info: dict[str, str], running: list[RunningView]) -> 
 
 def build_policy(config: StackConfig, name: str) -> policies.Policy:
     """The policy called `name`; `qlm` gets an estimator fed with the workers' engine
-    profiles (from the stack config: sim workers name theirs)."""
-    if name not in ("qlm", "qlm-cpsat"):
+    profiles (from the stack config: sim workers name theirs). `qlm-tpot` is qlm with step
+    limits where TPOT-bound work runs (qlm/core/tpot.py), pushed to workers: an explicit
+    opt-in, not qlm's default, because on the modern scenario it removed the few TPOT misses
+    but cost more TTFT misses than it saved (docs/benchmarks.md, "TPOT step limits")."""
+    if name not in ("qlm", "qlm-cpsat", "qlm-tpot"):
         return policies.get(
             name, {c.name: c.ttft_deadline_ms for c in config.slo_classes.values()})
     throughput = InstanceThroughput()
@@ -106,7 +110,8 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
         raise ValueError("the qlm policy needs engine profiles: no worker of the config has one")
     generator = PlanGenerator(
         throughput, swap_s=lambda wid: load_s.get(wid, 0.0), name=name,
-        slo_deadlines_s={c.name: c.ttft_deadline_ms / 1000 for c in config.slo_classes.values()})
+        slo_deadlines_s={c.name: c.ttft_deadline_ms / 1000 for c in config.slo_classes.values()},
+        tpot_limits=name == "qlm-tpot")
     # qlm-cpsat: CP-SAT refines each greedy plan once it is in force (plan_once)
     return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator
 
@@ -247,11 +252,15 @@ class PlannerLoop:
         return refined
 
     async def _push(self, plan: Plan, previous: Plan | None, workers: dict) -> None:
-        """Sends each worker whose queue changed, or that must evict, its action plan."""
+        """Sends each worker whose queue or step limit changed, or that must evict, its action
+        plan; every plan sent carries the worker's step limit (zeros: none), which stays in
+        force on the worker until the next."""
         calls = []
         for wid, queue in plan.queues.items():
             evict = plan.evictions.get(wid, [])
-            if previous is not None and previous.queues.get(wid) == queue and not evict:
+            limit = plan.step_limits.get(wid)
+            if (previous is not None and previous.queues.get(wid) == queue and not evict
+                    and previous.step_limits.get(wid) == limit):
                 continue
             address = workers.get(wid, {}).get("address")
             if not address:
@@ -259,6 +268,9 @@ class PlannerLoop:
             stub = worker_pb2_grpc.WorkerStub(self._channel(address))
             actions = [worker_pb2.Action(evict=worker_pb2.EvictAction(request_id=rid))
                        for rid in evict]
+            actions.append(worker_pb2.Action(step_limit=worker_pb2.StepLimitAction(
+                max_running=limit.max_running if limit else 0,
+                max_prefill_tokens=limit.max_prefill_tokens if limit else 0)))
             calls.append(stub.ApplyPlan(
                 worker_pb2.ActionPlan(epoch=self.epoch, sequence=self.sequence, worker_id=wid,
                                       actions=actions),
