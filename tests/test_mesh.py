@@ -322,14 +322,20 @@ async def test_planner_runs_the_qlm_policy_live_and_learns(redis_server, tmp_pat
         await stack.stop()
 
 
-async def test_admission_feedback_tells_a_client_its_deadline_is_at_risk(redis_server, tmp_path):
+async def two_slot_qlm_stack(redis_server, tmp_path) -> InProcessStack:
+    """One sim worker with 2 batch slots in real time, under the qlm planner: a small backlog
+    makes long waits."""
     profile = tmp_path / "two-slots.yaml"
     profile.write_text((PROFILES / "sim-small.yaml").read_text().replace(
         "max_running: 64", "max_running: 2"))
     path = write_config(tmp_path, workers=[{"id": "w0", **SMALL, "profile": str(profile),
                                             "time_scale": 1.0}],
                         planner={"interval_ms": 50, "policy": "qlm"})
-    stack = await InProcessStack(redis_server.url, path).start()
+    return await InProcessStack(redis_server.url, path).start()
+
+
+async def test_admission_feedback_tells_a_client_its_deadline_is_at_risk(redis_server, tmp_path):
+    stack = await two_slot_qlm_stack(redis_server, tmp_path)
     try:
         backlog = [await stack.router().Submit(gen(f"b{i}", 1000, slo_class="batch"))
                    for i in range(12)]  # ~5 rounds of 1000 steps on 2 slots: a minute
@@ -358,13 +364,7 @@ async def test_admission_feedback_tells_a_client_its_deadline_is_at_risk(redis_s
 async def test_admission_feedback_is_per_slo_class(redis_server, tmp_path):
     # interactive requests are planned ahead of queued batch groups: a minute of batch backlog
     # delays them by one slot's turn, not by the minute
-    profile = tmp_path / "two-slots.yaml"
-    profile.write_text((PROFILES / "sim-small.yaml").read_text().replace(
-        "max_running: 64", "max_running: 2"))
-    path = write_config(tmp_path, workers=[{"id": "w0", **SMALL, "profile": str(profile),
-                                            "time_scale": 1.0}],
-                        planner={"interval_ms": 50, "policy": "qlm"})
-    stack = await InProcessStack(redis_server.url, path).start()
+    stack = await two_slot_qlm_stack(redis_server, tmp_path)
     try:
         backlog = [await stack.router().Submit(gen(f"b{i}", 2000, slo_class="batch"))
                    for i in range(24)]
