@@ -98,6 +98,23 @@ def test_swapping_back_is_a_warm_start():
     assert a.start_s == pytest.approx(10.5)  # "a" was served before: warm, 0.5 s
 
 
+def test_a_swap_under_way_shows_as_the_model_it_loads():
+    # a planner that reads a swapping instance as the model going out queues that model's work
+    # behind the swap, and the plan after the swap the other way round: swaps back and forth
+    seen = []
+
+    def policy(snapshot):
+        seen.append((snapshot.now_ms, snapshot.workers[0].loaded,
+                     snapshot.workers[0].ready_in_s))
+        return policies.edf(snapshot)
+
+    Simulation([req(0, 0.0, 1, model="b"), req(1, 2.0, 1, model="b")], fleet(models=("a", "b")),
+               policy, charge_planner=False).run()
+    during = [(loaded, ready) for t, loaded, ready in seen if 0 < t < 5000]
+    assert during and all(loaded == "b" for loaded, _ in during)
+    assert all(ready > 0 for _, ready in during)  # and busy until the load is done
+
+
 def test_nothing_is_lost_across_models_and_instances():
     rng = random.Random(3)
     requests = [req(i, rng.uniform(0, 30), rng.randint(1, 100), model=rng.choice("ab"),

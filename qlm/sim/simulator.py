@@ -97,6 +97,7 @@ class _Instance:
     busy_until: float = 0.0  # end of the step (or swap) under way
     warm: set[str] = dataclasses.field(default_factory=set)
     swaps: int = 0
+    loading: str = ""  # the model a swap under way loads ("" none)
     # model -> ms per token to copy KV to CPU memory or back; a model missing: recomputed
     kv_swap_ms: Mapping[str, float] = dataclasses.field(default_factory=dict)
     evicting: list[_Request] = dataclasses.field(default_factory=list)  # at the step's end
@@ -332,9 +333,15 @@ class Simulation:
         done, ready_s = self._progress(inst) if inst.running else (0, inst.busy_until)
         ready_in_s = max(0.0, ready_s - self.now) if inst.busy else 0.0
         cap = (lambda r: r.spec.output_length) if self.oracle else (lambda r: 0)
+        # during a swap the instance is, for planning, the model it is loading: reading it as
+        # the one going out, a plan queued that model's groups behind the swap, and the next
+        # plan (after the swap) the other way round (measured on wb: both instances swapping
+        # back and forth for a minute, running nothing)
+        model = inst.loading or inst.model
         return WorkerView(
-            id=inst.spec.name, models=inst.spec.models, max_running=inst.profile.max_running,
-            running=len(inst.running), loaded=inst.model, ready_in_s=ready_in_s,
+            id=inst.spec.name, models=inst.spec.models,
+            max_running=inst.profiles[model].max_running,
+            running=len(inst.running), loaded=model, ready_in_s=ready_in_s,
             running_work=tuple((r.spec.slo_class, r.generated + done, cap(r))
                                for r in inst.running),
             running_requests=tuple(
@@ -563,6 +570,7 @@ class Simulation:
         inst.busy = True
         inst.busy_until = self.now + ms / 1000
         inst.swaps += 1
+        inst.loading = model
         self._at(self.now + ms / 1000, "swap", (inst, model))
 
     def _on_swap(self, arg) -> None:
@@ -571,5 +579,5 @@ class Simulation:
         # warm start: the model swapped out stays in (pinned) CPU memory, so swapping back
         # costs warm_load_ms; a host's memory holds the few models an instance serves
         inst.warm.add(inst.model)
-        inst.model = model
+        inst.model, inst.loading = model, ""
         self._begin_step(inst)
