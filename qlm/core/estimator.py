@@ -198,6 +198,16 @@ class OutputLengthStats:
             parts.append(full * (self._prior_cdf(c, k) - self._prior_cdf(g, k)) + cut**k * p_cut)
         return tuple(parts)
 
+    def _p_above(self, key: tuple, g: float) -> float:
+        """P(L > g) under the prior of `key`: _prior's first part alone, for quantiles, which
+        a plan asks for far more often than the table's answers stay cached."""
+        p = 1.0 - self._prior_cdf(g)
+        if len(key) != 3:
+            return p
+        s = self._table(key[:2])[0]
+        above = len(s) - int(np.searchsorted(s, g, "right"))
+        return (self.prior_weight * p + above) / (self.prior_weight + len(s))
+
     def _compute(self, key: tuple, cap, generated) -> tuple[float, float, float]:
         c, g = (math.inf if cap is None else float(cap)), float(generated)
         s, c1, c2, _, drift = self._table(key)
@@ -234,7 +244,7 @@ class OutputLengthStats:
         s, g = self._table(key)[0], float(generated)
         i0 = int(np.searchsorted(s, g, "right"))
         n = len(s) - i0
-        p_above = self._prior(key, math.inf, g)[0]
+        p_above = self._p_above(key, g)
         if n and n >= self.prior_weight * p_above:
             pos = q * (n - 1)
             i = min(int(pos), n - 2) if n > 1 else 0
@@ -375,6 +385,11 @@ class _Segment:
         # distinct (step, model, class, cap, generated, band) in it, for drain tails: the longest of
         # the last k depends only on which kinds of request are there, not on how many
         self.members: dict[tuple, None] = {}
+        # members only grow, so the longest of them per (quantile, k) is kept as far as it was
+        # read, (members read, longest): a plan re-reads a segment's drain after each group
+        # appended, and a running batch alone has up to one member per request
+        self._longest: dict[tuple[float, int], tuple[int, float]] = {}
+        self._order: list[tuple] = []
 
     def add(self, key: Key, count, mean, var, se, member, left=None,
             kv=(0.0, 0.0, 0.0)) -> None:
@@ -385,7 +400,9 @@ class _Segment:
         self.kv, self.kv_var = self.kv + count * kv[0], self.kv_var + count * kv[1]
         self.kv_se[key] = self.kv_se.get(key, 0.0) + count * kv[2]
         self.se[key] = self.se.get(key, 0.0) + count * se
-        self.members[member] = None
+        if member not in self.members:
+            self.members[member] = None
+            self._order.append(member)
 
     def slot_frac(self, need=None) -> tuple[tuple[float, float], ...]:
         """When a request needing `need` = (mean, variance, key, se) tokens of KV cache can
@@ -419,10 +436,12 @@ class _Segment:
         start = (self.n - k) / (self.n * k) * self.left  # the last k start (fluid)
 
         def end(a: float) -> float:  # a-quantile of the longest of the last k
-            return start + max(
-                st * lengths.quantile(m, c, a ** (1 / k), cap, g, band)
-                for st, m, c, cap, g, band in self.members
-            )
+            read, longest = self._longest.get((a, k), (0, 0.0))
+            q = a ** (1 / k)
+            for st, m, c, cap, g, band in self._order[read:]:
+                longest = max(longest, st * lengths.quantile(m, c, q, cap, g, band))
+            self._longest[(a, k)] = (len(self._order), longest)
+            return start + longest
 
         med, hi = end(0.5), end(0.95)
         s = math.log(hi / med) / 1.645 if 0 < med < hi else 0.0
