@@ -302,6 +302,20 @@ def test_a_model_change_adds_the_swap_time():
     assert est.estimate("w", queue(1), model="n", swap_s=7.5)[0].mean == pytest.approx(7.5)
 
 
+def test_only_the_first_load_of_a_model_is_cold():
+    est = estimator()
+    q = queue(1, model="n") + queue(1) + queue(1, model="n")
+    warm = est.queue("w", "m", swap_s=1.0)
+    cold = est.queue("w", "m", swap_s=1.0, cold_s={"n": 30.0})
+    for g in q:
+        gap = cold.next_wait(g).mean - warm.next_wait(g).mean
+        warm.append(g)
+        cold.append(g)
+    assert gap == pytest.approx(29.0)  # back to "m" and to "n" again: warm swaps, as before
+    assert est.queue("w", "m", swap_s=1.0, cold_s={"n": 30.0}).next_wait(q[0]).mean == (
+        pytest.approx(30.0))
+
+
 def test_a_model_change_waits_for_the_longest_running_request():
     # 32 running heavy-tailed requests: the drain lasts until the longest is done, far longer
     # than their average work spread over the batch.

@@ -3,6 +3,8 @@ model affinity, load balancing, and what it learns."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from qlm.core import policies
 from qlm.core.estimator import InstanceThroughput
 from qlm.core.plan import GroupView, SloView, Snapshot, WorkerView
@@ -58,6 +60,23 @@ def test_prefers_the_worker_that_needs_no_model_swap():
                              worker("w1", ("a", "b"), loaded="a")))
     plan = generator(("w0", "w1"), ("a", "b"))(snap)
     assert plan.queues == {"w0": ["g2"], "w1": ["g1"]}
+
+
+def test_swaps_to_a_model_where_it_is_held_warm():
+    # both need a swap to "b"; w1 holds it in CPU memory (3 s), w0 would load it cold (30 s)
+    tp = InstanceThroughput()
+    for w in ("w0", "w1"):
+        for m in ("a", "b"):
+            tp.set_profile(w, m, PROFILE)
+    gen = PlanGenerator(tp, ExactLengths(), swap_s=lambda w: 3.0,
+                        cold_swap_s=lambda w, m: 30.0)
+    snap = Snapshot(now_ms=0, groups=(group("g1", 20.0, model="b"),), workers=(
+        dataclasses.replace(worker("w0", ("a", "b"), loaded="a"), warm=()),
+        dataclasses.replace(worker("w1", ("a", "b"), loaded="a"), warm=("b",))))
+    assert gen(snap).queues == {"w0": [], "w1": ["g1"]}
+    unknown = Snapshot(now_ms=0, groups=snap.groups, workers=tuple(
+        dataclasses.replace(w, warm=None) for w in snap.workers))
+    assert gen(unknown).queues == {"w0": ["g1"], "w1": []}  # a tie: every swap priced warm
 
 
 def test_spreads_equal_groups_over_workers():

@@ -64,12 +64,14 @@ def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
     if name not in QLM_NAMES:
         return policies.get(name, deadlines)
     throughput = InstanceThroughput()
-    load_s = {}
+    load_s, cold_s = {}, {}
     for inst, profiles in fleet:
         for model, profile in profiles.items():
             throughput.set_profile(inst.name, model, profile)
-        # swaps are warm starts once a model has run there (the simulator keeps it warm)
+        # swaps are warm starts once a model has run there (the simulator keeps it warm);
+        # the first load of a model is cold
         load_s[inst.name] = max(p.warm_load_ms for p in profiles.values()) / 1000
+        cold_s[inst.name] = {m: p.load_ms / 1000 for m, p in profiles.items()}
     lengths = ExactLengths() if name == "oracle" else OutputLengthStats()
     kv = kv_swap_ms or {}
 
@@ -80,7 +82,8 @@ def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
     generator = PlanGenerator(throughput, lengths, swap_s=load_s.__getitem__, name=name,
                               max_evictions=0 if name == "qlm-noevict" else 8,
                               resume_s_per_token=resume_s_per_token, slo_deadlines_s=deadlines,
-                              tpot_limits=name == "qlm-tpot")
+                              tpot_limits=name == "qlm-tpot",
+                              cold_swap_s=lambda worker, model: cold_s[worker][model])
     # qlm-cpsat: the same greedy plan, then CP-SAT's refinement of it (qlm/core/cpsat.py)
     return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator
 

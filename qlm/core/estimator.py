@@ -481,11 +481,12 @@ class WaitingTimeEstimator:
         return out
 
     def queue(self, worker: str, model: str | None, running=(), swap_s: float = 0.0,
-              ready_s: float = 0.0):
+              ready_s: float = 0.0, cold_s=None):
         """An empty virtual queue of `worker` with `model` loaded and `running` in its batch,
         to be filled one group at a time (QueueWaits): what a plan generator needs to try a
-        group at the end of every queue without re-estimating the whole queue."""
-        return QueueWaits(self, worker, model, running, swap_s, ready_s)
+        group at the end of every queue without re-estimating the whole queue. cold_s: model
+        -> its load time for the models the worker does not hold warm (swap_s: the others)."""
+        return QueueWaits(self, worker, model, running, swap_s, ready_s, cold_s)
 
 
 class QueueWaits:
@@ -493,8 +494,11 @@ class QueueWaits:
     it came next, `append(g)` puts it there."""
 
     def __init__(self, est: WaitingTimeEstimator, worker: str, model, running, swap_s: float,
-                 ready_s: float = 0.0):
+                 ready_s: float = 0.0, cold_s=None):
         self.est, self.worker, self.loaded, self.swap_s = est, worker, model, swap_s
+        # a model's first load is cold (from disk: 30 s for a 7B where a warm one takes 1 s);
+        # once loaded it stays warm, so only the first swap to it along the queue pays that
+        self.cold_s = dict(cold_s or {})
         # under a step limit (qlm/core/tpot.py) prompts are prefilled in chunks and a group
         # starts only once the chunks ahead of it are done, free slots or not
         chunked = getattr(est.throughput, "chunked", None)
@@ -551,17 +555,19 @@ class QueueWaits:
             self._drained = self.seg.drain(self.est.lengths)
         return self._drained
 
-    def _after_change(self):
-        """(mean, var, se, swaps) of the base once everything so far has drained and swapped."""
+    def _after_change(self, model):
+        """(mean, var, se, swaps) of the base once everything so far has drained and `model`
+        is loaded."""
         d_mean, d_var, d_scale = self._drain()
         se = dict(self.base_se)
         for k, v in self.seg.se.items():
             se[k] = se.get(k, 0.0) + v * d_scale
-        return self.base_mean + d_mean, self.base_var + d_var, se, self.swaps + self.swap_s
+        return (self.base_mean + d_mean, self.base_var + d_var, se,
+                self.swaps + self.cold_s.get(model, self.swap_s))
 
     def next_wait(self, g) -> WaitEstimate:
         if g.model != self.loaded:
-            base_mean, base_var, base_se, swaps = self._after_change()
+            base_mean, base_var, base_se, swaps = self._after_change(g.model)
             return self._wait(base_mean, base_var, base_se, swaps, _Segment(1), ((1.0, 0.0),))
         return self._wait(self.base_mean, self.base_var, self.base_se, self.swaps, self.seg,
                           self.seg.slot_frac(self._kv_need(g)))
@@ -611,7 +617,8 @@ class QueueWaits:
     def append(self, g) -> None:
         tp, ls = self.est.throughput, self.est.lengths
         if g.model != self.loaded:  # drain everything ahead, then swap
-            self.base_mean, self.base_var, self.base_se, self.swaps = self._after_change()
+            self.base_mean, self.base_var, self.base_se, self.swaps = self._after_change(g.model)
+            self.cold_s.pop(g.model, None)
             self.loaded, self.seg = g.model, _Segment(
                 tp.batch(self.worker, g.model), None, tp.kv_capacity(self.worker, g.model))
         self._drained = None

@@ -64,6 +64,9 @@ class WorkerView:
     # The same batch by request when the snapshot knows their ids (evictions name them), in
     # running_work's order; empty: the plan evicts nothing here.
     running_requests: tuple[RunningView, ...] = ()
+    # Models it holds warm (in CPU memory: swapping to them is a warm start) besides the loaded
+    # one; None: unknown, every swap is priced warm.
+    warm: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -134,6 +134,7 @@ class PlanGenerator:
         resume_s_per_token: Callable[[str, str], float] | None = None,
         slo_deadlines_s: Mapping[str, float] | None = None,
         tpot_limits: bool = False,
+        cold_swap_s: Callable[[str, str], float] | None = None,
     ):
         self.lengths = lengths or OutputLengthStats()
         self.estimator = WaitingTimeEstimator(self.lengths, throughput)
@@ -143,6 +144,9 @@ class PlanGenerator:
         self.confidence = confidence
         self.z = NormalDist().inv_cdf(confidence)
         self.swap_s = swap_s
+        # (worker, model) -> seconds to load it cold, for workers whose snapshot says which
+        # models they hold warm (swap_s prices a warm start)
+        self.cold_swap_s = cold_swap_s
         self.name = name
         # least loaded workers tried per group, of each kind (any, and no swap needed)
         self.candidates = candidates
@@ -185,7 +189,8 @@ class PlanGenerator:
             self.estimator.throughput = CappedThroughput(self._throughput, plan.step_limits)
         waits = {
             w.id: self.estimator.queue(
-                w.id, w.loaded or None, self._running(w), self.swap_s(w.id), w.ready_in_s)
+                w.id, w.loaded or None, self._running(w), self.swap_s(w.id), w.ready_in_s,
+                self._cold(w))
             for w in snapshot.workers
         }
         tail_model = {w.id: w.loaded for w in snapshot.workers}
@@ -358,7 +363,14 @@ class PlanGenerator:
 
     def _head_queue(self, w: WorkerView, running):
         return self.estimator.queue(w.id, w.loaded, self._running(w, running),
-                                    self.swap_s(w.id), w.ready_in_s)
+                                    self.swap_s(w.id), w.ready_in_s, self._cold(w))
+
+    def _cold(self, w: WorkerView) -> dict[str, float]:
+        """Load times of the models w would load cold."""
+        if self.cold_swap_s is None or w.warm is None:
+            return {}
+        return {m: self.cold_swap_s(w.id, m) for m in w.models
+                if m != w.loaded and m not in w.warm}
 
     def _victims(self, w: WorkerView, g: GroupView, slo, tail, now_s) -> list[RunningView]:
         """Running requests of w that g may pre-empt: of a looser class, with their first token

@@ -348,7 +348,9 @@ class Simulation:
                 RunningView(str(r.spec.id), r.spec.slo_class, r.generated + done, cap(r),
                             r.context + done,
                             r.first_token_s * 1000 if r.generated + done else 0.0)
-                for r in inst.running))
+                for r in inst.running),
+            # the model a swap under way unloads stays warm too
+            warm=tuple(sorted(inst.warm | {inst.model})))
 
     def _progress(self, inst: _Instance) -> tuple[int, float]:
         """Of the step event under way: the steps done by now, and when the next one ends."""
