@@ -18,7 +18,7 @@ from qlm.core.plan_generator import ExactLengths, PlanGenerator
 from qlm.engines.sim import SimProfile
 from qlm.v1 import planner_pb2, router_pb2
 
-from .harness import InProcessStack, write_config
+from .harness import PROFILES, InProcessStack, write_config
 
 # four slots, 10 ms per step: a request of n tokens holds its slot n / 100 seconds
 PROFILE = SimProfile(max_running=4, kv_capacity_tokens=1_000_000, prefill_ms_per_token=0.0,
@@ -180,8 +180,15 @@ async def _drain(call) -> list:
 
 
 async def test_live_planner_installs_the_greedy_plan_then_refines_it(redis_server, tmp_path):
-    path = write_config(tmp_path, workers=[{"id": "w0", "models": ["small"]},
-                                           {"id": "w1", "models": ["small"]}],
+    # one slot per worker, so requests queue and plans have groups left to refine (with room
+    # for all of them the workers claim everything before a plan has anything to order)
+    profile = tmp_path / "one-slot.yaml"
+    profile.write_text((PROFILES / "sim-small.yaml").read_text().replace(
+        "max_running: 64", "max_running: 1"))
+    path = write_config(tmp_path, workers=[{"id": "w0", "models": ["small"],
+                                            "profile": str(profile)},
+                                           {"id": "w1", "models": ["small"],
+                                            "profile": str(profile)}],
                         planner={"interval_ms": 50, "policy": "qlm-cpsat"})
     stack = await InProcessStack(redis_server.url, path).start()
     try:
