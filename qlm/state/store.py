@@ -215,6 +215,26 @@ class QueueStore:
         return {wid: {**raw[2 * i], "running": str(raw[2 * i + 1])}
                 for i, wid in enumerate(ids) if raw[2 * i]}
 
+    async def running_requests(self, workers: list[str]) -> dict[str, dict[str, dict]]:
+        """worker -> request id -> the fields the planner reads (cls, out, max_tokens,
+        prompt_tokens, first_token_ms) of every request the worker runs; requests that ended
+        between the two reads are left out. Two round trips, whatever the fleet's size."""
+        names = ("cls", "out", "max_tokens", "prompt_tokens", "first_token_ms")
+        pipe = self.client.pipeline(transaction=False)
+        for wid in workers:
+            pipe.smembers(self.key("running", wid))
+        ids = [sorted(rids) for rids in await pipe.execute()]
+        pipe = self.client.pipeline(transaction=False)
+        for rid in (rid for rids in ids for rid in rids):
+            pipe.hmget(self.key("req", rid), *names)
+        fields = iter(await pipe.execute())
+        out: dict[str, dict[str, dict]] = {}
+        for wid, rids in zip(workers, ids, strict=True):
+            values = {rid: next(fields) for rid in rids}
+            out[wid] = {rid: dict(zip(names, v, strict=True))
+                        for rid, v in values.items() if v[0] is not None}
+        return out
+
     async def virtual_queues(self, workers) -> dict[str, list[str]]:
         pipe = self.client.pipeline(transaction=False)
         for wid in workers:

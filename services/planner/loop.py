@@ -53,25 +53,11 @@ async def take_snapshot(store: QueueStore, workers: dict[str, dict[str, str]],
 async def running_requests(store: QueueStore, workers: list[str]) -> dict[str, list]:
     """What each worker runs, by request (the set its claims fill), for the estimator and for
     evictions, which name them."""
-    pipe = store.client.pipeline(transaction=False)
-    for wid in workers:
-        pipe.smembers(store.key("running", wid))
-    ids = [sorted(rids) for rids in await pipe.execute()]
-    pipe = store.client.pipeline(transaction=False)
-    for rid in (rid for rids in ids for rid in rids):
-        pipe.hmget(store.key("req", rid), "cls", "out", "max_tokens", "prompt_tokens",
-                   "first_token_ms")
-    fields = iter(await pipe.execute())
-    out: dict[str, list[RunningView]] = {}
-    for wid, rids in zip(workers, ids, strict=True):
-        out[wid] = []
-        for rid in rids:
-            cls, n, cap, prompt, first = next(fields)
-            if cls is not None:  # else it ended meanwhile
-                n = int(n or 0)
-                out[wid].append(RunningView(rid, cls, n, int(cap or 0), int(prompt or 0) + n,
-                                            float(first or 0)))
-    return out
+    return {wid: [RunningView(rid, f["cls"], int(f["out"] or 0), int(f["max_tokens"] or 0),
+                              int(f["prompt_tokens"] or 0) + int(f["out"] or 0),
+                              float(f["first_token_ms"] or 0))
+                  for rid, f in running.items()]
+            for wid, running in (await store.running_requests(workers)).items()}
 
 
 def _worker_view(wid: str, info: dict[str, str], running: list[RunningView]) -> WorkerView:
