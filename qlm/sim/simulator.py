@@ -271,13 +271,19 @@ class Simulation:
             self._groups[g.id] = g
             self._open[kind] = g.id
             self._pending.setdefault(g.model, set()).add(g.id)
-        g.deadline_s = min(g.deadline_s, s.deadline_s)
-        g.queue.append(req)
+        self._join(g, req, front=False)
+        req.group = g.id
+        return opened
+
+    @staticmethod
+    def _join(g: _Group, req: _Request, front: bool) -> None:
+        """A request enters a group (at the back when it arrives, at the head when it comes
+        back): the group's deadline and token totals follow its members, as in the Lua."""
+        g.deadline_s = min(g.deadline_s, req.spec.deadline_s)
+        (g.queue.appendleft if front else g.queue.append)(req)
         g.joined += 1
         g.prompt_tokens += req.context
         g.output_tokens += req.left
-        req.group = g.id
-        return opened
 
     def _requeue(self, req: _Request) -> None:
         """An evicted request goes back to the head of its group (return_to_group.lua): one
@@ -289,11 +295,7 @@ class Simulation:
                        group_kind(s.model, s.slo_class, s.input_length), s.deadline_s)
             self._groups[g.id] = g
             self._pending.setdefault(g.model, set()).add(g.id)
-        g.deadline_s = min(g.deadline_s, s.deadline_s)
-        g.queue.appendleft(req)
-        g.joined += 1
-        g.prompt_tokens += req.context
-        g.output_tokens += req.left
+        self._join(g, req, front=True)
 
     def _drop_group(self, g: _Group) -> None:
         del self._groups[g.id]
