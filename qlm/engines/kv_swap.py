@@ -82,7 +82,7 @@ class KVSwapConnector(KVConnectorBase_V1):
         self.request_key: dict[str, str] = {}  # engine request id -> key, for resumes
         self.loaded_tokens: dict[str, int] = {}  # engine request id -> tokens loaded
         self.totals = {"saves": 0, "saved_tokens": 0, "loads": 0, "loaded_tokens": 0,
-                       "refused_loads": 0}
+                       "refused_loads": 0, "resumed_context_tokens": 0}
         # worker side: key -> per-layer copies of its blocks, and the paged caches
         self.kv_caches: dict[str, torch.Tensor] = {}
         self.cpu: dict[str, dict[str, torch.Tensor]] = {}
@@ -116,6 +116,8 @@ class KVSwapConnector(KVConnectorBase_V1):
         self.loaded_tokens[request.request_id] = num_external_tokens
         self.totals["loads"] += 1
         self.totals["loaded_tokens"] += num_external_tokens
+        # the context the resume had to rebuild: loaded + locally cached + recomputed
+        self.totals["resumed_context_tokens"] += request.num_tokens
         self._write_totals()
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
