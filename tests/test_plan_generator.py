@@ -79,6 +79,23 @@ def test_swaps_to_a_model_where_it_is_held_warm():
     assert gen(unknown).queues == {"w0": ["g1"], "w1": []}  # a tie: every swap priced warm
 
 
+def test_the_plan_warms_the_first_model_a_queue_will_swap_to():
+    # w0 serves "a" and has "a" then "b" then "c" queued: "b" is loaded into CPU memory ahead
+    # of its swap ("c" waits for a later plan: a host holds few models); w1 holds "b" warm
+    # already, and nothing is warmed where the snapshot does not say what is warm
+    gen = generator(("w0", "w1", "w2"), ("a", "b", "c"))
+    groups = (group("g1", 600.0, model="a"), group("g2", 700.0, model="b"),
+              group("g3", 800.0, model="c"))
+    w0 = dataclasses.replace(worker("w0", ("a", "b", "c"), loaded="a"), warm=())
+    plan = gen(Snapshot(now_ms=0, groups=groups, workers=(w0,)))
+    assert plan.queues["w0"] == ["g1", "g2", "g3"]
+    assert plan.warm_starts == {"w0": ["b"]}
+    w1 = dataclasses.replace(w0, id="w1", warm=("b",))
+    assert gen(Snapshot(now_ms=0, groups=groups, workers=(w1,))).warm_starts == {"w1": ["c"]}
+    w2 = dataclasses.replace(w0, id="w2", warm=None)
+    assert gen(Snapshot(now_ms=0, groups=groups, workers=(w2,))).warm_starts == {}
+
+
 def test_spreads_equal_groups_over_workers():
     snap = Snapshot(now_ms=0, groups=tuple(group(f"g{i}", 100.0) for i in range(1, 9)),
                     workers=(worker("w0"), worker("w1")))

@@ -151,3 +151,37 @@ def test_a_learning_policy_hears_each_completion_with_its_prompt():
         "m", "batch", band=gen.lengths.band(1500))
     Simulation(requests, fleet(), OldStyle()).run()
     assert sorted(heard) == sorted(r.output_length for r in requests)
+
+
+def with_warm_starts(base):
+    """`base`, plus the warm starts PlanGenerator derives from its queues."""
+    from qlm.core.plan_generator import warm_starts
+
+    def policy(snapshot):
+        plan = base(snapshot)
+        plan.warm_starts = warm_starts(snapshot, plan.queues)
+        return plan
+    return policy
+
+
+def test_a_plans_warm_start_makes_the_later_swap_warm():
+    # "a" runs 10 s (1000 steps of 10 ms) with "b" queued behind it: the plan warms "b" while
+    # "a" runs (load_ms - warm_load_ms = 4.5 s in the background), so the swap costs 0.5 s
+    requests = [req(0, 0.0, 1000, model="a"), req(1, 0.1, 1, model="b")]
+    cold = Simulation(requests, fleet(models=("a", "b"), max_running=1),
+                      policies.get("edf")).run()
+    warm = Simulation(requests, fleet(models=("a", "b"), max_running=1),
+                      with_warm_starts(policies.get("edf"))).run()
+    assert cold.requests[1].start_s == pytest.approx(10.0 + 5.0, abs=0.02)
+    assert warm.requests[1].start_s == pytest.approx(10.0 + 0.5, abs=0.02)
+    assert cold.model_swaps == warm.model_swaps == 1
+
+
+def test_a_swap_before_the_warm_start_is_done_waits_only_for_the_rest():
+    # "a" runs 2 s: the warm start began at ~0.1 s and has ~2.6 s of its 4.5 s left
+    requests = [req(0, 0.0, 200, model="a"), req(1, 0.1, 1, model="b")]
+    res = Simulation(requests, fleet(models=("a", "b"), max_running=1),
+                     with_warm_starts(policies.get("edf"))).run()
+    b = res.requests[1]
+    assert 2.0 + 0.5 < b.start_s < 2.0 + 5.0
+    assert b.start_s == pytest.approx(0.1 + 4.5 + 0.5, abs=0.05)

@@ -22,7 +22,7 @@ async def enq(store, rid, *, kind=KIND, model="m", cls="interactive", max_queued
 
 
 async def claim_ids(store, worker, n, models=("m",), lease_ms=LONG_LEASE_MS):
-    return [c.request_id for c in await store.claim(worker, n, lease_ms, list(models))]
+    return [c.request_id for c in (await store.claim(worker, n, lease_ms, list(models))).requests]
 
 
 async def queue_of(store, gid):
@@ -185,9 +185,9 @@ async def test_tighter_deadline_of_group_in_a_virtual_queue_stays_out_of_pending
 async def test_claim_respects_n_and_leases(store):
     for i in range(5):
         await enq(store, f"r{i}", max_group_size=10)
-    assert await store.claim("w1", 0, LONG_LEASE_MS, ["m"]) == []
+    assert (await store.claim("w1", 0, LONG_LEASE_MS, ["m"])).requests == []
     before = await store.now_ms()
-    claimed = await store.claim("w1", 2, 5000, ["m"])
+    claimed = (await store.claim("w1", 2, 5000, ["m"])).requests
     after = await store.now_ms()
     assert [c.request_id for c in claimed] == ["r0", "r1"]
     assert claimed[0].fields["state"] == "running" and claimed[0].fields["worker"] == "w1"
@@ -225,6 +225,37 @@ async def test_claim_never_takes_a_model_it_does_not_serve(store):
     assert await claim_ids(store, "w1", 5, ("m", "m3")) == []
     assert (await store.get_request("other"))["state"] == "queued"
     assert await pending(store, "m2") != []
+
+
+async def test_claim_stops_where_the_queue_needs_a_swap_and_names_the_model(store):
+    # w1 serves "m" and could swap to "m2": its queue says m2's group first, so it claims
+    # nothing, not even pending "m" work, and the groups stay where the plan put them
+    await enq(store, "next", kind="m2/i/6", model="m2", budget=90_000)   # g1
+    await enq(store, "mine", budget=1_000)                                # g2, pending
+    await plan(store, {"w1": ["g1"]})
+    claim = await store.claim("w1", 5, LONG_LEASE_MS, ["m"], ["m2"])
+    assert (claim.requests, claim.swap_to) == ([], "m2")
+    assert await store.client.lrange(store.key("vq", "w1"), 0, -1) == ["g1"]
+    assert (await store.get_request("next"))["state"] == "queued"
+    # after the swap it serves that group, then the pending work of its new model only
+    claim = await store.claim("w1", 5, LONG_LEASE_MS, ["m2"], ["m"])
+    assert [c.request_id for c in claim.requests] == ["next"]
+    assert claim.swap_to == "m"  # nothing of m2 left: the most urgent it could swap to
+    # a worker that cannot serve m2 hands that model's queued group back to the pool
+    await enq(store, "more", kind="m2/i/7", model="m2", budget=90_000)   # g3
+    await plan(store, {"w2": ["g3"]}, sequence=2)
+    claim = await store.claim("w2", 5, LONG_LEASE_MS, ["m"], [])
+    assert [c.request_id for c in claim.requests] == ["mine"] and claim.swap_to == ""
+    assert [gid for gid, _ in await pending(store, "m2")] == ["g3"]
+
+
+async def test_claim_names_no_swap_while_its_models_have_work(store):
+    await enq(store, "other", kind="m2/i/6", model="m2", budget=1)
+    await enq(store, "mine", budget=100_000)
+    claim = await store.claim("w1", 1, LONG_LEASE_MS, ["m"], ["m2"])
+    assert [c.request_id for c in claim.requests] == ["mine"] and claim.swap_to == ""
+    claim = await store.claim("w1", 1, LONG_LEASE_MS, ["m"], ["m2"])
+    assert (claim.requests, claim.swap_to) == ([], "m2")
 
 
 async def test_claim_serves_virtual_queue_first_in_order(store):
@@ -514,6 +545,12 @@ async def test_heartbeat_registers_the_worker(store):
     assert before <= int(reg["seen_ms"]) <= after
     alive = await store.alive_workers()
     assert alive["w1"]["running"] == "0" and alive["w1"]["models"] == "m m2"
+    assert (reg["loaded"], reg["warm"]) == ("m m2", "")  # by default it serves them all now
+    await store.heartbeat("w1", ttl_ms=5000, lease_ms=LONG_LEASE_MS, address="127.0.0.1:1",
+                          engine="sim", models=["m", "m2", "m3"], loaded=["m2"], warm=["m"],
+                          max_running=8, running=[])
+    reg = await store.client.hgetall(store.key("worker", "w1"))
+    assert (reg["models"], reg["loaded"], reg["warm"]) == ("m m2 m3", "m2", "m")
 
 
 async def test_heartbeat_renews_only_listed_leases_and_reports_lost(store):
@@ -552,7 +589,7 @@ async def test_expired_lease_returns_request_to_head_of_its_group(store):
     [ev] = await events(store, "requeue")
     assert (ev["rid"], ev["gid"], ev["why"]) == ("r0", "g1", "lease")
     # the next claim resumes it first; start_ms is kept from the first start
-    claimed = await store.claim("w2", 1, LONG_LEASE_MS, ["m"])
+    claimed = (await store.claim("w2", 1, LONG_LEASE_MS, ["m"])).requests
     assert claimed[0].request_id == "r0" and claimed[0].fields["out"] == "2"
     assert claimed[0].fields["start_ms"] == req["start_ms"]
     # idempotent
@@ -810,7 +847,7 @@ async def test_nothing_is_lost(store, seed):
             assert status == "lost", (status, detail)
 
     async def claim(worker, n_, lease_ms):
-        for c in await store.claim(worker, n_, lease_ms, list(WORKERS[worker])):
+        for c in (await store.claim(worker, n_, lease_ms, list(WORKERS[worker]))).requests:
             assert c.fields["model"] in WORKERS[worker]
             assert c.request_id not in ended
             held[worker].add(c.request_id)

@@ -174,6 +174,11 @@ async def test_pool_swaps_models_and_warm_start_is_faster_than_cold(stack, pool)
     reply = await stub.ApplyPlan(plan(
         1, worker_pb2.Action(warm_model=worker_pb2.WarmModelAction(model="large"))))
     assert reply.applied and reply.detail == ""
+    # the worker answers at once and starts the engine in the background (a cold start)
+    status = await stub.GetStatus(worker_pb2.GetStatusRequest())
+    while "large" not in status.warm_models:
+        await asyncio.sleep(0.2)
+        status = await stub.GetStatus(worker_pb2.GetStatusRequest())
     assert "large" in pool.instances and pool.models() == ["small"]  # warm, not serving
     cold_s = pool.timings["cold_start_s"]
     reply = await stub.ApplyPlan(plan(
@@ -186,7 +191,7 @@ async def test_pool_swaps_models_and_warm_start_is_faster_than_cold(stack, pool)
     assert ids == await direct(pool, pool.tokenize("large", PROMPT), 16, model="large")
     assert ids != small_ids  # the tiny models differ (other seeds): this came from `large`
     status = await stub.GetStatus(worker_pb2.GetStatusRequest())
-    assert list(status.models) == ["large"]
+    assert list(status.models) == ["large"] and list(status.warm_models) == ["small"]
 
 
 async def test_killed_worker_request_completes_on_another_with_same_tokens(tmp_path, pool):

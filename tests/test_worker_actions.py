@@ -79,17 +79,26 @@ async def test_swap_model_moves_the_worker_to_another_model(redis_server, tmp_pa
         reply = await stub.ApplyPlan(plan(
             1, worker_pb2.Action(swap_model=worker_pb2.SwapModelAction(model="large"))))
         assert reply.applied and reply.detail == ""
-        assert list((await stub.GetStatus(worker_pb2.GetStatusRequest())).models) == ["large"]
-        models = await stack.router().ListModels(router_pb2.ListModelsRequest())
-        assert {m.name: m.workers for m in models.models} == {"small": 0, "large": 1}
         # the small request went back to its queue, with its output kept
-        info = await wait_state(stack, running.request_id, router_pb2.REQUEST_STATE_QUEUED)
-        assert info.state == router_pb2.REQUEST_STATE_QUEUED and info.requeues == 1
+        info = await stack.router().GetRequest(
+            router_pb2.GetRequestRequest(request_id=running.request_id))
+        assert info.requeues == 1 and info.output_tokens > 0
         _, ids = await collect(stack.router().Generate(gen("now large", 6, model="large")))
         assert len(ids) == 6
+        # the worker serves the model it was swapped to, but can still serve small: with only
+        # small work left, an idle worker swaps back (nothing waits forever for a model no
+        # worker has loaded) and the evicted request completes
+        models = await stack.router().ListModels(router_pb2.ListModelsRequest())
+        assert {m.name: m.workers for m in models.models} == {"small": 1, "large": 1}
+        info = await wait_state(stack, running.request_id, router_pb2.REQUEST_STATE_FINISHED)
+        assert info.state == router_pb2.REQUEST_STATE_FINISHED and info.output_tokens == 2000
+        status = await stub.GetStatus(worker_pb2.GetStatusRequest())
+        # one model loaded, the other warm; at least the swap to large and one back to small
+        assert len(status.models) == 1
+        assert sorted([*status.models, *status.warm_models]) == ["large", "small"]
+        assert status.model_swaps >= 2
         reply = await stub.ApplyPlan(plan(
             2, worker_pb2.Action(swap_model=worker_pb2.SwapModelAction(model="nope"))))
         assert "not in the stack config" in reply.detail
-        await stack.router().Cancel(router_pb2.CancelRequest(request_id=running.request_id))
     finally:
         await asyncio.shield(stack.stop())

@@ -25,7 +25,7 @@ from ortools.sat.python import cp_model
 
 from .estimator import QueuedGroup
 from .plan import GroupView, Plan, Snapshot
-from .plan_generator import PlanGenerator
+from .plan_generator import PlanGenerator, warm_starts
 
 # Times in the model are integer milliseconds, variances ms^2; z is read as Z / D.
 _D = 100
@@ -250,7 +250,9 @@ class CpSatRefiner:
         name = solver.status_name(status)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return Refinement(greedy, base, base, name, solve_s=solve_s)
-        plan = dataclasses.replace(greedy, queues=model.queues(solver))
+        queues = model.queues(solver)
+        plan = dataclasses.replace(greedy, queues=queues,
+                                   warm_starts=warm_starts(snapshot, queues))
         found = best = sc.score(plan, touched)
         if found.key <= base.key:
             plan, best = greedy, base

@@ -107,3 +107,6 @@ class Plan:
     # worker id -> the step limit that keeps its TPOT-bound requests within their objective;
     # a worker missing here runs unlimited (policies that do not reason about TPOT set none)
     step_limits: dict[str, StepLimit] = dataclasses.field(default_factory=dict)
+    # worker id -> models to hold warm (weights into CPU memory, in the background) because
+    # its queue will swap to them: the swap is then a warm start (see warm_starts)
+    warm_starts: dict[str, list[str]] = dataclasses.field(default_factory=dict)

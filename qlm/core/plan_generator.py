@@ -120,6 +120,24 @@ def observer(policy) -> Callable | None:
         model, slo_class, output_tokens)
 
 
+def warm_starts(snapshot: Snapshot, queues: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """For each worker, the first model its queue will swap to that it does not hold warm:
+    loading its weights into CPU memory now, while the worker still serves, makes that swap a
+    warm start. One per worker and plan, as a host's CPU memory holds only a few models; none
+    where the snapshot does not say what is warm."""
+    model_of = {g.id: g.model for g in snapshot.groups}
+    starts = {}
+    for w in snapshot.workers:
+        if w.warm is None:
+            continue
+        for gid in queues.get(w.id, ()):
+            m = model_of.get(gid)
+            if m and m != w.loaded and m not in w.warm:
+                starts[w.id] = [m]
+                break
+    return starts
+
+
 class PlanGenerator:
     def __init__(
         self,
@@ -238,6 +256,7 @@ class PlanGenerator:
             least.update(wid, g.model)
         if self.max_evictions > 0 and snapshot.slo_classes:
             self._plan_evictions(snapshot, plan, waits, now_s)
+        plan.warm_starts = warm_starts(snapshot, plan.queues)
         for model in least.by_model:
             options = [waits[w].next_wait(QueuedGroup(model, "", 1)).quantile(self.z)
                        for w in least.least(model, self.candidates)]

@@ -8,7 +8,7 @@ import numbers
 from qlm.config import ConfigError, StackConfig, WorkerConfig
 from qlm.engines.base import Engine, EngineError
 
-_SIM_OPTIONS = {"profile", "time_scale"}
+_SIM_OPTIONS = {"profile", "time_scale", "active"}
 # the vllm engine's options are the fields of VllmOptions, plus the models active at start
 _VLLM_EXTRA = {"active", "profile"}
 
@@ -33,7 +33,11 @@ def create_engine(worker: WorkerConfig, stack: StackConfig) -> Engine:
         ):
             raise ConfigError(f"{where}.time_scale must be a number >= 0, got {time_scale!r}")
         profile = SimProfile.load(stack.resolve(str(worker.options["profile"])))
-        return SimEngine(list(worker.models), profile, float(time_scale))
+        active = worker.options.get("active")
+        if active is not None and (not isinstance(active, list)
+                                   or not active or not set(active) <= set(worker.models)):
+            raise ConfigError(f"{where}.active must list models of the worker, got {active!r}")
+        return SimEngine(list(worker.models), profile, float(time_scale), active)
     if worker.engine == "vllm":
         return _vllm_engine(worker, stack, where)
     raise EngineError(f"{where}: unknown engine kind {worker.engine!r} (known: sim, vllm)")

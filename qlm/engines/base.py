@@ -81,6 +81,10 @@ class Engine(abc.ABC):
     def models(self) -> list[str]:
         """The models this engine serves right now."""
 
+    def warm_models(self) -> list[str]:
+        """Models held warm (weights in CPU memory, not serving): loading one is a warm start."""
+        return []
+
     @abc.abstractmethod
     def free_slots(self) -> int:
         """How many more requests the engine can start now without queueing them internally.

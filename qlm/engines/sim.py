@@ -123,13 +123,18 @@ class _Seq:
 class SimEngine(Engine):
     kind = "sim"
 
-    def __init__(self, models: list[str], profile: SimProfile, time_scale: float = 1.0):
+    def __init__(self, models: list[str], profile: SimProfile, time_scale: float = 1.0,
+                 active: list[str] | None = None):
+        """`models` are served from the start, unless `active` names the few that are (the
+        rest load on a swap, cold: a worker that serves one model at a time)."""
         if time_scale < 0:
             raise EngineError(f"time_scale must be >= 0, got {time_scale!r}")
+        if active is not None and not (active and set(active) <= set(models)):
+            raise EngineError(f"active models {active!r} must be some of {models!r}")
         self.profile = profile
         self.time_scale = float(time_scale)
         self.tokenizer = ByteTokenizer()
-        self._served: dict[str, None] = dict.fromkeys(models)  # a dict keeps load order
+        self._served: dict[str, None] = dict.fromkeys(models if active is None else active)
         self._warm: set[str] = set()
         self._waiting: dict[str, _Seq] = {}
         self._running: dict[str, _Seq] = {}
@@ -165,6 +170,9 @@ class SimEngine(Engine):
 
     def models(self) -> list[str]:
         return list(self._served)
+
+    def warm_models(self) -> list[str]:
+        return sorted(self._warm - set(self._served))
 
     def free_slots(self) -> int:
         # Like vLLM's: what is already waiting for KV room counts as used, so a worker claims
@@ -240,13 +248,17 @@ class SimEngine(Engine):
         self._served[model] = None
 
     async def unload_model(self, model: str) -> None:
+        if model in self._served:
+            # its weights stay in CPU memory, as the simulator's instances keep them: swapping
+            # back is a warm start
+            self._warm.add(model)
         self._served.pop(model, None)
         for seq in [*self._running.values(), *self._waiting.values()]:
             if seq.request.model == model:
                 self._finish(seq, "abort")
 
     async def warm_model(self, model: str) -> None:
-        if model in self._warm:
+        if model in self._warm or model in self._served:
             return
         await self._sleep(self.profile.load_ms)
         self._warm.add(model)

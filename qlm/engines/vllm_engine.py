@@ -192,6 +192,9 @@ class VllmEngine(Engine):
     def models(self) -> list[str]:
         return [n for n, i in self.instances.items() if i.active]
 
+    def warm_models(self) -> list[str]:
+        return [n for n, i in self.instances.items() if not i.active]
+
     async def _instance(self, name: str) -> _Instance:
         if name not in self.catalog:
             raise EngineError(f"model {name!r} is not in this worker's pool {list(self.catalog)}")

@@ -13,7 +13,9 @@ compute time has passed in virtual time, so a slow planner costs what it would c
 An instance runs one model at a time; when the head of its queue (or, with nothing queued, the
 most urgent pending group it can serve) needs another model, it drains what it runs and swaps,
 paying the profile's load time: load_ms the first time, warm_load_ms for a model it served
-before (kept in CPU memory: warm start).
+before (kept in CPU memory: warm start). A plan's warm starts (Plan.warm_starts) read a model's
+weights into CPU memory in the background, taking load_ms - warm_load_ms, while the instance
+serves: a swap to it after that is warm, one during it waits only for the rest.
 
 Evictions a plan asks for happen at the end of the step under way (an engine changes its batch
 only between steps): the request leaves the batch, frees its KV cache and goes back to the head
@@ -96,6 +98,9 @@ class _Instance:
     busy: bool = False
     busy_until: float = 0.0  # end of the step (or swap) under way
     warm: set[str] = dataclasses.field(default_factory=set)
+    # model -> when the warm start a plan asked for has its weights in CPU memory (loaded in
+    # the background while the instance serves; see _swap_ms)
+    warming: dict[str, float] = dataclasses.field(default_factory=dict)
     swaps: int = 0
     loading: str = ""  # the model a swap under way loads ("" none)
     # model -> ms per token to copy KV to CPU memory or back; a model missing: recomputed
@@ -352,7 +357,8 @@ class Simulation:
                             r.first_token_s * 1000 if r.generated + done else 0.0)
                 for r in inst.running),
             # the model a swap under way unloads stays warm too
-            warm=tuple(sorted(inst.warm | {inst.model})))
+            warm=tuple(sorted(inst.warm | {inst.model}
+                              | {m for m, t in inst.warming.items() if t <= self.now})))
 
     def _progress(self, inst: _Instance) -> tuple[int, float]:
         """Of the step event under way: the steps done by now, and when the next one ends."""
@@ -379,6 +385,10 @@ class Simulation:
         self._installs.remove(ready)
         for name, inst in self.instances.items():
             inst.limit = plan.step_limits.get(name)
+            for m in plan.warm_starts.get(name, ()):
+                if m not in inst.warm and m not in inst.warming and m != inst.model:
+                    p = inst.profiles[m]  # reading weights into CPU memory: a cold load's
+                    inst.warming[m] = self.now + (p.load_ms - p.warm_load_ms) / 1000  # rest
         placed: set[str] = set()
         for name, gids in plan.queues.items():
             inst = self.instances[name]
@@ -568,9 +578,17 @@ class Simulation:
         inst.running = still
         self._begin_step(inst)
 
-    def _begin_swap(self, inst: _Instance, model: str) -> None:
+    def _swap_ms(self, inst: _Instance, model: str) -> float:
+        """A warm model loads in warm_load_ms; one still warming waits for its weights too."""
         p = inst.profiles[model]
-        ms = p.warm_load_ms if model in inst.warm else p.load_ms
+        if model in inst.warm:
+            return p.warm_load_ms
+        if model in inst.warming:
+            return min(p.load_ms, p.warm_load_ms + max(0.0, inst.warming[model] - self.now) * 1000)
+        return p.load_ms
+
+    def _begin_swap(self, inst: _Instance, model: str) -> None:
+        ms = self._swap_ms(inst, model)
         inst.busy = True
         inst.busy_until = self.now + ms / 1000
         inst.swaps += 1
@@ -583,5 +601,6 @@ class Simulation:
         # warm start: the model swapped out stays in (pinned) CPU memory, so swapping back
         # costs warm_load_ms; a host's memory holds the few models an instance serves
         inst.warm.add(inst.model)
+        inst.warming.pop(model, None)
         inst.model, inst.loading = model, ""
         self._begin_step(inst)

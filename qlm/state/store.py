@@ -31,6 +31,13 @@ class ClaimedRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class Claim:
+    requests: list[ClaimedRequest]
+    # the model the worker's next work needs, which it serves only after a swap ("" none)
+    swap_to: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class EnqueueResult:
     status: str  # "ok" | "exists" | "full"
     detail: str  # group id | existing state | queue depth
@@ -108,21 +115,28 @@ class QueueStore:
     # --- worker ---------------------------------------------------------------------------
 
     async def claim(
-        self, worker: str, n: int, lease_ms: int, models: list[str]
-    ) -> list[ClaimedRequest]:
-        flat = await self._run("claim", worker, n, lease_ms, *models)
-        return [
+        self, worker: str, n: int, lease_ms: int, models: list[str], swappable: list[str] = ()
+    ) -> Claim:
+        """Up to `n` requests of `models` (served now) in the worker's plan order; the claim
+        stops where the next work needs one of `swappable` (see claim.lua)."""
+        swap_to, *flat = await self._run(
+            "claim", worker, n, lease_ms, " ".join(models), " ".join(swappable))
+        return Claim([
             ClaimedRequest(flat[i], dict(zip(flat[i + 1][::2], flat[i + 1][1::2], strict=True)))
             for i in range(0, len(flat), 2)
-        ]
+        ], swap_to)
 
     async def heartbeat(
         self, worker: str, *, ttl_ms: int, lease_ms: int, address: str, engine: str,
         models: list[str], max_running: int, running: list[str],
+        loaded: list[str] | None = None, warm: list[str] = (),
     ) -> tuple[int, list[str]]:
+        """`models`: those it can serve (some maybe after a swap); `loaded`: those it serves
+        now (default: all of `models`); `warm`: those it holds in CPU memory."""
         renewed, lost = await self._run(
             "heartbeat", worker, ttl_ms, lease_ms, address, engine, " ".join(models),
-            max_running, *running,
+            max_running, " ".join(models if loaded is None else loaded), " ".join(warm),
+            *running,
         )
         return renewed, lost
 

@@ -198,16 +198,18 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "max_model_len", "max_tokens", "workers")
+    __slots__ = ("name", "max_model_len", "max_tokens", "workers", "workers_loaded")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_LOADED_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_model_len: int
     max_tokens: int
     workers: int
-    def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_tokens: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+    workers_loaded: int
+    def __init__(self, name: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_tokens: _Optional[int] = ..., workers: _Optional[int] = ..., workers_loaded: _Optional[int] = ...) -> None: ...
 
 class SloClass(_message.Message):
     __slots__ = ("name", "ttft_deadline_ms", "max_queued", "is_default", "tpot_deadline_ms")

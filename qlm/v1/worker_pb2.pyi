@@ -69,7 +69,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "models", "engine", "running", "max_running", "kv_used_tokens", "kv_capacity_tokens", "plan_epoch", "plan_sequence", "completed")
+    __slots__ = ("worker_id", "models", "engine", "running", "max_running", "kv_used_tokens", "kv_capacity_tokens", "plan_epoch", "plan_sequence", "completed", "warm_models", "model_swaps")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,8 @@ class WorkerStatus(_message.Message):
     PLAN_EPOCH_FIELD_NUMBER: _ClassVar[int]
     PLAN_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    WARM_MODELS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SWAPS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     models: _containers.RepeatedScalarFieldContainer[str]
     engine: str
@@ -90,4 +92,6 @@ class WorkerStatus(_message.Message):
     plan_epoch: int
     plan_sequence: int
     completed: int
-    def __init__(self, worker_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., running: _Optional[int] = ..., max_running: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., plan_epoch: _Optional[int] = ..., plan_sequence: _Optional[int] = ..., completed: _Optional[int] = ...) -> None: ...
+    warm_models: _containers.RepeatedScalarFieldContainer[str]
+    model_swaps: int
+    def __init__(self, worker_id: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., running: _Optional[int] = ..., max_running: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., plan_epoch: _Optional[int] = ..., plan_sequence: _Optional[int] = ..., completed: _Optional[int] = ..., warm_models: _Optional[_Iterable[str]] = ..., model_swaps: _Optional[int] = ...) -> None: ...

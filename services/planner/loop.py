@@ -61,10 +61,13 @@ async def running_requests(store: QueueStore, workers: list[str]) -> dict[str, l
 
 
 def _worker_view(wid: str, info: dict[str, str], running: list[RunningView]) -> WorkerView:
+    """`models` are those it can serve, `loaded` the first it serves now (heartbeat.lua)."""
     models = tuple(info.get("models", "").split())
+    loaded = info.get("loaded", "").split() or models[:1]
     return WorkerView(
         id=wid, models=models, max_running=int(info.get("max_running") or 1),
-        running=int(info.get("running") or 0), loaded=models[0] if models else "",
+        running=int(info.get("running") or 0), loaded=loaded[0] if loaded else "",
+        warm=tuple(info.get("warm", "").split()),
         running_work=tuple((r.slo_class, r.generated, r.max_tokens) for r in running),
         running_requests=tuple(running),
     )
@@ -81,6 +84,7 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
             name, {c.name: c.ttft_deadline_ms for c in config.slo_classes.values()})
     throughput = InstanceThroughput()
     load_s: dict[str, float] = {}
+    cold_s: dict[str, float] = {}
     for w in config.workers:
         if "profile" not in w.options:
             continue  # measured profiles of real engines come with the vllm engine
@@ -91,11 +95,13 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
             profile = dataclasses.replace(profile, max_running=seqs)
         for m in w.models:
             throughput.set_profile(w.id, m, profile)
-        load_s[w.id] = profile.warm_load_ms / 1000  # swaps between warmed models
+        load_s[w.id] = profile.warm_load_ms / 1000  # swaps to a model held warm
+        cold_s[w.id] = profile.load_ms / 1000
     if not load_s:
         raise ValueError("the qlm policy needs engine profiles: no worker of the config has one")
     generator = PlanGenerator(
         throughput, swap_s=lambda wid: load_s.get(wid, 0.0), name=name,
+        cold_swap_s=lambda wid, model: cold_s.get(wid, 0.0),
         slo_deadlines_s={c.name: c.ttft_deadline_ms / 1000 for c in config.slo_classes.values()},
         tpot_limits=name == "qlm-tpot")
     # qlm-cpsat: CP-SAT refines each greedy plan once it is in force (plan_once)
@@ -238,15 +244,18 @@ class PlannerLoop:
         return refined
 
     async def _push(self, plan: Plan, previous: Plan | None, workers: dict) -> None:
-        """Sends each worker whose queue or step limit changed, or that must evict, its action
-        plan; every plan sent carries the worker's step limit (zeros: none), which stays in
-        force on the worker until the next."""
+        """Sends each worker whose queue, step limit or warm starts changed, or that must
+        evict, its action plan; every plan sent carries the worker's step limit (zeros: none),
+        which stays in force on the worker until the next. (Swaps need no action: a worker
+        swaps when its queue's next group needs another model, see claim.lua.)"""
         calls = []
         for wid, queue in plan.queues.items():
             evict = plan.evictions.get(wid, [])
             limit = plan.step_limits.get(wid)
+            warm = plan.warm_starts.get(wid, [])
             if (previous is not None and previous.queues.get(wid) == queue and not evict
-                    and previous.step_limits.get(wid) == limit):
+                    and previous.step_limits.get(wid) == limit
+                    and previous.warm_starts.get(wid, []) == warm):
                 continue
             address = workers.get(wid, {}).get("address")
             if not address:
@@ -254,6 +263,8 @@ class PlannerLoop:
             stub = worker_pb2_grpc.WorkerStub(self._channel(address))
             actions = [worker_pb2.Action(evict=worker_pb2.EvictAction(request_id=rid))
                        for rid in evict]
+            actions += [worker_pb2.Action(warm_model=worker_pb2.WarmModelAction(model=m))
+                        for m in warm]
             actions.append(worker_pb2.Action(step_limit=worker_pb2.StepLimitAction(
                 max_running=limit.max_running if limit else 0,
                 max_prefill_tokens=limit.max_prefill_tokens if limit else 0)))

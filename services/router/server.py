@@ -202,14 +202,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
     @unavailable_without_redis
     async def ListModels(self, request, context):
         workers = await self.store.alive_workers()
-        count = {name: 0 for name in self.config.models}
+        count = {name: [0, 0] for name in self.config.models}  # can serve, loaded now
         for info in workers.values():
-            for m in info.get("models", "").split():
-                if m in count:
-                    count[m] += 1
+            for field, i in (("models", 0), ("loaded", 1)):
+                for m in info.get(field, "").split():
+                    if m in count:
+                        count[m][i] += 1
         return router_pb2.ListModelsResponse(
             models=[router_pb2.ModelInfo(name=m.name, max_model_len=m.max_model_len,
-                                         max_tokens=m.max_tokens, workers=count[m.name])
+                                         max_tokens=m.max_tokens, workers=count[m.name][0],
+                                         workers_loaded=count[m.name][1])
                     for m in self.config.models.values()],
             slo_classes=[router_pb2.SloClass(name=c.name, ttft_deadline_ms=c.ttft_deadline_ms,
                                              max_queued=c.max_queued,

@@ -60,10 +60,18 @@ class WorkerRunner:
         self._prefill_since_step = 0
         # True while a pull stopped at the prefill budget: the next step's output wakes it
         self._prefill_wait = False
+        self.model_swaps = 0
+        self._warming: dict[str, asyncio.Task] = {}
 
     @property
     def id(self) -> str:
         return self.worker.id
+
+    def servable(self) -> list[str]:
+        """The models it can serve: those loaded now, and after a swap its config's others and
+        any it holds warm (a model an operator swapped it to, say)."""
+        return list(dict.fromkeys(
+            [*self.engine.models(), *self.worker.models, *self.engine.warm_models()]))
 
     async def start(self) -> None:
         await self._heartbeat()
@@ -76,9 +84,10 @@ class WorkerRunner:
         ]
 
     async def _subscribe(self) -> None:
-        """Listens to its control channel and the wake-ups of the models it serves now."""
+        """Listens to its control channel and the wake-ups of the models it can serve (new
+        work of a model it could swap to matters when it is idle, see _pull)."""
         wanted = {self.store.key("ctl", self.id)} | {
-            self.store.key("wake", m) for m in self.engine.models()}
+            self.store.key("wake", m) for m in self.servable()}
         stale = set(self._pubsub.channels) - wanted
         await self._pubsub.subscribe(*wanted)
         if stale:
@@ -87,6 +96,7 @@ class WorkerRunner:
     async def stop(self) -> None:
         self._stopping = True
         await cancel_and_wait(self._tasks)
+        await cancel_and_wait(list(self._warming.values()))
         await cancel_and_wait(list(self.running.values()))
         if self._pubsub:
             await self._pubsub.aclose()
@@ -119,7 +129,8 @@ class WorkerRunner:
         _, lost = await self.store.heartbeat(
             self.id, ttl_ms=3 * self.config.heartbeat_ms, lease_ms=self.config.lease_ms,
             address=self.worker.advertise, engine=self.engine.kind,
-            models=self.engine.models(), max_running=stats.max_running,
+            models=self.servable(), loaded=self.engine.models(),
+            warm=self.engine.warm_models(), max_running=stats.max_running,
             running=list(self.running),
         )
         for rid in lost:  # cancelled, or our lease lapsed and it runs elsewhere now
@@ -152,20 +163,55 @@ class WorkerRunner:
                 await asyncio.sleep(self.poll_s)
 
     async def swap_model(self, model: str) -> None:
-        """Serves `model` instead of the current models: requests of the others are evicted
-        back to their groups (their output so far is kept), then the engine swaps."""
+        """Serves `model` instead of the current models now: requests of the others are
+        evicted back to their groups (their output so far is kept), then the engine swaps.
+        (The plan's own swaps wait for the batch to drain instead, see _pull.)"""
         if model not in self.config.models:
             raise EngineError(f"model {model!r} is not in the stack config")
         async with self._swap_lock:
             for rid, m in list(self._model_of.items()):
                 if m != model:
                     await self.evict(rid)
-            for m in self.engine.models():
-                if m != model:
-                    await self.engine.unload_model(m)
-            if model not in self.engine.models():
-                await self.engine.load_model(model)
+            await self._swap(model)
         await self.models_changed()
+
+    async def _swap(self, model: str) -> None:
+        """The engine serves `model` only; the others it served stay warm where it can."""
+        if self.engine.models() == [model]:
+            return
+        before = self.engine.models()
+        log.info("%s: swapping %s -> %s", self.id, before, model)
+        for m in before:
+            if m != model:
+                await self.engine.unload_model(m)
+        try:
+            await self.engine.load_model(model)
+        except Exception:
+            for m in before:  # serve what it served rather than nothing
+                await self.engine.load_model(m)
+            raise
+        self.model_swaps += 1
+
+    def warm(self, model: str) -> None:
+        """Starts holding `model` warm, in the background (a cold load takes seconds to
+        minutes; the planner's push must not wait for it). The heartbeat then lists it."""
+        if model not in self.servable():
+            raise EngineError(f"model {model!r} is not one this worker serves "
+                              f"({self.servable()})")
+        if model in self.engine.models() or model in self.engine.warm_models():
+            return
+        task = self._warming.get(model)
+        if task is None or task.done():
+            self._warming[model] = asyncio.create_task(self._warm(model), name=f"warm-{model}")
+
+    async def _warm(self, model: str) -> None:
+        try:
+            await self.engine.warm_model(model)
+            await self._heartbeat()  # the planner prices a swap to it warm from now on
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("%s: warming %s failed: %s", self.id, model, e)
 
     async def models_changed(self) -> None:
         """Announces the engine's models: registration, and the wake-ups listened to."""
@@ -218,8 +264,20 @@ class WorkerRunner:
                 self._prefill_wait = True
                 break
             want = 1 if budget else room
-            claimed = await self.store.claim(
-                self.id, want, self.config.lease_ms, self.engine.models())
+            loaded = self.engine.models()
+            claim = await self.store.claim(
+                self.id, want, self.config.lease_ms, loaded,
+                [m for m in self.servable() if m not in loaded])
+            claimed = claim.requests
+            if claim.swap_to and not claimed:
+                if self.running or self._starting:
+                    # the plan's next work needs another model: drain the batch first (a
+                    # finishing request wakes the pull), as the estimator assumes
+                    self._backlog = True
+                    break
+                await self._swap(claim.swap_to)
+                await self.models_changed()
+                continue
             self._starting += len(claimed)
             for c in claimed:
                 self._prefill_since_step += (int(c.fields.get("prompt_tokens") or 0)

@@ -27,7 +27,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 applied=False, detail=f"stale plan {version}, have {self.applied}")
         self.applied = version
         failures = []
-        engine = self.runner.engine
         for action in request.actions:
             kind = action.WhichOneof("action")
             try:
@@ -37,7 +36,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 elif kind == "swap_model":
                     await self.runner.swap_model(action.swap_model.model)
                 elif kind == "warm_model":
-                    await engine.warm_model(action.warm_model.model)
+                    self.runner.warm(action.warm_model.model)
                 elif kind == "step_limit":
                     self.runner.set_step_limit(action.step_limit.max_running,
                                                action.step_limit.max_prefill_tokens)
@@ -51,6 +50,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.WorkerStatus(
             worker_id=self.runner.id,
             models=self.runner.engine.models(),
+            warm_models=self.runner.engine.warm_models(),
+            model_swaps=self.runner.model_swaps,
             engine=self.runner.engine.kind,
             running=stats.running,
             max_running=stats.max_running,
