@@ -101,9 +101,24 @@ def test_prompts_that_the_smallest_instance_cannot_hold_are_shortened():
     assert requests[0].input_length == smallest - 100 and requests[1].input_length == 500
 
 
-def test_a_scenario_whose_instances_swap_models_is_refused():
-    with pytest.raises(ValueError, match="one profile"):
-        live.live_fleet(get_scenario("wb"), PROFILES, 1.0)
+def test_instances_that_swap_models_run_one_at_a_time_each_at_its_own_cost(tmp_path):
+    from qlm.engines import create_engine
+
+    scenario = get_scenario("wb")
+    fleet = live.live_fleet(scenario, PROFILES, 0.5)
+    cfg = qlm_config.load(live.write_stack_config(tmp_path, scenario, fleet, "qlm", 0.5))
+    w0 = cfg.workers[0]
+    assert w0.models == ("llama-7b", "mistral-7b", "vicuna-13b")
+    assert w0.options["active"] == ["llama-7b"]  # the simulator's instances start on it too
+    engine = create_engine(w0, cfg)
+    assert engine.models() == ["llama-7b"]
+    for m, profile in fleet[0][1].items():  # the scaled profile of each model
+        assert engine.profiles[m] == profile
+    assert engine.profiles["vicuna-13b"] != engine.profiles["llama-7b"]
+    # the planner prices each model's throughput and cold load from the same files
+    from services.planner.loop import build_policy
+    policy = build_policy(cfg, "qlm")
+    assert policy.cold_swap_s("w0", "vicuna-13b") == fleet[0][1]["vicuna-13b"].load_ms / 1000
 
 
 def test_only_whole_outputs_within_the_deadline_count():

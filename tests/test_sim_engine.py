@@ -389,6 +389,30 @@ async def test_load_warm_and_unload_models(make_engine):
     await engine.unload_model("a")  # not served: nothing to do
 
 
+async def test_one_model_at_a_time_each_at_its_own_cost():
+    slow = dataclasses.replace(PROFILE, max_running=2, load_ms=40, warm_load_ms=10)
+    engine = SimEngine(["a", "b", "c"], PROFILE, time_scale=0.0, active=["a"],
+                       profiles={"b": slow})
+    await engine.start()
+    try:
+        assert engine.models() == ["a"] and engine.warm_models() == []
+        assert engine.stats().max_running == 4
+        await engine.unload_model("a")
+        await engine.load_model("b")
+        assert engine.models() == ["b"] and engine.warm_models() == ["a"]  # "a" stays warm
+        assert engine.stats().max_running == 2  # steps cost what "b" costs
+        assert engine.load_time_ms == 40  # b's cold load, not a's 200 ms
+        await engine.unload_model("b")
+        await engine.load_model("a")
+        assert engine.load_time_ms == 40 + 1  # a's warm load
+        await engine.warm_model("c")  # a warm start does the part of a cold load it can
+        assert engine.load_time_ms == 40 + 1 + 199
+    finally:
+        await engine.stop()
+    with pytest.raises(EngineError, match="active"):
+        SimEngine(["a"], PROFILE, active=["z"])
+
+
 async def test_stop_aborts_everything(make_engine):
     engine = await make_engine(time_scale=1.0)
     tasks = [asyncio.create_task(run(engine, req(f"r{i}", max_tokens=1000))) for i in range(6)]

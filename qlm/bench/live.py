@@ -45,7 +45,7 @@ from qlm.sim import get_scenario, load_trace, scale_load
 from qlm.sim.scenarios import MODELS, SimRequest
 from qlm.sim.simulator import Simulation
 from qlm.sim.traces import TraceRequest
-from qlm.v1 import router_pb2, router_pb2_grpc
+from qlm.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 ATTAINMENT_TOLERANCE = 0.05
 POLICY_NAMES = ("fcfs", "priority", "edf", "qlm")
@@ -80,13 +80,8 @@ def scaled_profile(profile: SimProfile, s: float) -> SimProfile:
 
 
 def live_fleet(scenario, profiles_dir: pathlib.Path, s: float):
-    """The scenario's fleet with time-scaled profiles. A sim worker runs one profile, so every
-    instance must serve one model (wa, wc, modern; not wb)."""
+    """The scenario's fleet with time-scaled profiles."""
     fleet = bench_sim.load_profiles(scenario.instances(), profiles_dir)
-    for inst, _ in fleet:
-        if len(inst.models) != 1:
-            raise ValueError(f"scenario {scenario.name}: instance {inst.name} serves "
-                             f"{len(inst.models)} models; a sim worker runs one profile")
     return [(inst, {m: scaled_profile(p, s) for m, p in profiles.items()})
             for inst, profiles in fleet]
 
@@ -139,14 +134,22 @@ def write_stack_config(folder: pathlib.Path, scenario, fleet, policy: str,
                         for name, ms in deadlines_ms(scenario, s).items()},
         "models": {m: {"max_model_len": MODELS[m].max_model_len,
                        "max_tokens": MODELS[m].max_model_len - 1} for m in scenario.models},
-        "workers": [{"id": inst.name, "listen": f"127.0.0.1:{free_port()}", "engine": "sim",
-                     "models": list(inst.models), "time_scale": 1.0,
-                     "profile": str(folder / f"{inst.profile(inst.models[0])}.yaml")}
-                    for inst, _ in fleet],
+        "workers": [worker_config(inst, folder) for inst, _ in fleet],
     }
     path = folder / f"stack-{policy}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def worker_config(inst, folder: pathlib.Path) -> dict:
+    """A sim worker like the simulator's instance: an instance of several models serves one at
+    a time, the first to begin with, each at the cost of its own profile."""
+    files = {m: str(folder / f"{inst.profile(m)}.yaml") for m in inst.models}
+    worker = {"id": inst.name, "listen": f"127.0.0.1:{free_port()}", "engine": "sim",
+              "models": list(inst.models), "time_scale": 1.0, "profile": files[inst.models[0]]}
+    if len(inst.models) > 1:
+        worker.update(active=[inst.models[0]], profiles=files)
+    return worker
 
 
 # --- figures ---------------------------------------------------------------------------------
@@ -200,6 +203,7 @@ def simulate(requests: list[SimRequest], fleet, policy: str, scenario, s: float,
     row = figures(requests, ttfts, oks, span, s)
     row["planner_ms_p99"] = round(percentile(sorted(result.planner_ms), 99), 3)
     row["requeues"] = result.evictions
+    row["model_swaps"] = result.model_swaps
     row["start_to_first_token_p99_s"] = round(percentile(sorted(
         (r.first_token_s - r.start_s) / s for r in ordered), 99), 3)
     return row
@@ -363,6 +367,17 @@ def redis_url_for_children(url: str):
             os.environ[qlm_config.REDIS_URL_ENV] = saved
 
 
+async def model_swaps(cfg) -> int:
+    """The swaps the stack's workers made (their GetStatus)."""
+    total = 0
+    for w in cfg.workers:
+        async with grpc.aio.insecure_channel(dial_address(w.advertise)) as channel:
+            status = await worker_pb2_grpc.WorkerStub(channel).GetStatus(
+                worker_pb2.GetStatusRequest(), timeout=10)
+            total += status.model_swaps
+    return total
+
+
 def run_stack(config_path: pathlib.Path, requests: list[SimRequest], policy: str, s: float,
               timeout_s: float, progress: bool, redis_pool: int = REDIS_POOL) -> dict:
     """One policy: a fresh stack on its own Redis, the replay, everything stopped."""
@@ -386,6 +401,7 @@ def run_stack(config_path: pathlib.Path, requests: list[SimRequest], policy: str
             dial_address(cfg.router_listen), requests, f"live-{policy}", timeout_s,
             progress=f"live {policy}" if progress else ""))
         cpu = {n: round(cpu_seconds(p) - cpu0[n], 2) for n, p in pids.items()}
+        swaps = asyncio.run(model_swaps(cfg))
         # the machine is shared: what else ran shows in its load average
         loadavg = [round(load0, 2), round(os.getloadavg()[0], 2)]
     finally:
@@ -393,6 +409,7 @@ def run_stack(config_path: pathlib.Path, requests: list[SimRequest], policy: str
         redis.stop()
     row = live_row(requests, outcomes, s)
     row["wall_s"] = round(wall, 2)
+    row["model_swaps"] = swaps
     row["cpu_s"] = cpu
     row["loadavg_1m"] = loadavg
     # share of the machine's cores the stack and the client kept busy
@@ -465,11 +482,12 @@ def table(report: dict) -> str:
         for source in ("live", "sim"):
             f = r[source]
             lo, hi = r["sim"]["slo_attainment_band"]
-            note = f"{f['requeues']} requeued; engines ±{SPEED_BAND:.0%}: {lo:.3f}-{hi:.3f}"
+            note = (f"{f['requeues']} requeued, {f['model_swaps']} swaps; "
+                    f"engines ±{SPEED_BAND:.0%}: {lo:.3f}-{hi:.3f}")
             if source == "live":
                 bad = {k: v for k, v in f["statuses"].items() if k != "length"}
                 note = (f"{f['completed']}/{f['requests']} whole" + (f" {bad}" if bad else "")
-                        + f", {f['requeues']} requeued"
+                        + f", {f['requeues']} requeued, {f['model_swaps']} swaps"
                         + f", cpu {f['cpu_busy']:.0%}, load {max(f['loadavg_1m']):.1f}, "
                         f"{f['wall_s']:.0f} s")
             lines.append(

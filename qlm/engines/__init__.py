@@ -8,7 +8,7 @@ import numbers
 from qlm.config import ConfigError, StackConfig, WorkerConfig
 from qlm.engines.base import Engine, EngineError
 
-_SIM_OPTIONS = {"profile", "time_scale", "active"}
+_SIM_OPTIONS = {"profile", "profiles", "time_scale", "active"}
 # the vllm engine's options are the fields of VllmOptions, plus the models active at start
 _VLLM_EXTRA = {"active", "profile"}
 
@@ -37,10 +37,23 @@ def create_engine(worker: WorkerConfig, stack: StackConfig) -> Engine:
         if active is not None and (not isinstance(active, list)
                                    or not active or not set(active) <= set(worker.models)):
             raise ConfigError(f"{where}.active must list models of the worker, got {active!r}")
-        return SimEngine(list(worker.models), profile, float(time_scale), active)
+        return SimEngine(list(worker.models), profile, float(time_scale), active,
+                         sim_profiles(worker, stack))
     if worker.engine == "vllm":
         return _vllm_engine(worker, stack, where)
     raise EngineError(f"{where}: unknown engine kind {worker.engine!r} (known: sim, vllm)")
+
+
+def sim_profiles(worker: WorkerConfig, stack: StackConfig) -> dict:
+    """A sim worker's per-model profiles (option `profiles`: model -> file), for models whose
+    costs differ from its `profile`."""
+    from qlm.engines.sim import SimProfile
+
+    raw = worker.options.get("profiles") or {}
+    where = f"workers.{worker.id}.profiles"
+    if not isinstance(raw, dict) or not set(raw) <= set(worker.models):
+        raise ConfigError(f"{where} must map models of the worker to profile files, got {raw!r}")
+    return {m: SimProfile.load(stack.resolve(str(path))) for m, path in raw.items()}
 
 
 def model_location(stack: StackConfig, name: str) -> str:

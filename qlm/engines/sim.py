@@ -124,14 +124,18 @@ class SimEngine(Engine):
     kind = "sim"
 
     def __init__(self, models: list[str], profile: SimProfile, time_scale: float = 1.0,
-                 active: list[str] | None = None):
+                 active: list[str] | None = None,
+                 profiles: dict[str, SimProfile] | None = None):
         """`models` are served from the start, unless `active` names the few that are (the
-        rest load on a swap, cold: a worker that serves one model at a time)."""
+        rest load on a swap, cold: a worker that serves one model at a time). `profiles`
+        gives some models costs of their own (`profile` for the rest); steps cost what the
+        first model served costs."""
         if time_scale < 0:
             raise EngineError(f"time_scale must be >= 0, got {time_scale!r}")
         if active is not None and not (active and set(active) <= set(models)):
             raise EngineError(f"active models {active!r} must be some of {models!r}")
-        self.profile = profile
+        self.profiles = {m: (profiles or {}).get(m, profile) for m in models}
+        self._default_profile = profile
         self.time_scale = float(time_scale)
         self.tokenizer = ByteTokenizer()
         self._served: dict[str, None] = dict.fromkeys(models if active is None else active)
@@ -146,6 +150,7 @@ class SimEngine(Engine):
         # profiler can check the modelled cost without reading wall clocks.
         self.steps = 0
         self.sim_time_ms = 0.0
+        self.load_time_ms = 0.0  # model loads and warm starts
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -170,6 +175,11 @@ class SimEngine(Engine):
 
     def models(self) -> list[str]:
         return list(self._served)
+
+    @property
+    def profile(self) -> SimProfile:
+        """The cost model in force: the first served model's."""
+        return self.profiles.get(next(iter(self._served), ""), self._default_profile)
 
     def warm_models(self) -> list[str]:
         return sorted(self._warm - set(self._served))
@@ -243,7 +253,9 @@ class SimEngine(Engine):
     async def load_model(self, model: str) -> None:
         if model in self._served:
             return
-        cost = self.profile.warm_load_ms if model in self._warm else self.profile.load_ms
+        p = self.profiles.get(model, self._default_profile)
+        cost = p.warm_load_ms if model in self._warm else p.load_ms
+        self.load_time_ms += cost
         await self._sleep(cost)
         self._served[model] = None
 
@@ -260,7 +272,10 @@ class SimEngine(Engine):
     async def warm_model(self, model: str) -> None:
         if model in self._warm or model in self._served:
             return
-        await self._sleep(self.profile.load_ms)
+        # the part of a cold load a warm start does ahead (the simulator's warm starts too)
+        p = self.profiles.get(model, self._default_profile)
+        self.load_time_ms += p.load_ms - p.warm_load_ms
+        await self._sleep(p.load_ms - p.warm_load_ms)
         self._warm.add(model)
 
     # --- internals -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from qlm.core.cpsat import RefinedPlanGenerator
 from qlm.core.estimator import InstanceThroughput
 from qlm.core.plan import GroupView, Plan, RunningView, SloView, Snapshot, WorkerView
 from qlm.core.plan_generator import PlanGenerator, observer
+from qlm.engines import sim_profiles
 from qlm.engines.sim import SimProfile
 from qlm.serving import cancel_and_wait
 from qlm.state.store import QueueStore
@@ -83,25 +84,27 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
         return policies.get(
             name, {c.name: c.ttft_deadline_ms for c in config.slo_classes.values()})
     throughput = InstanceThroughput()
-    load_s: dict[str, float] = {}
-    cold_s: dict[str, float] = {}
+    load_s: dict[str, float] = {}  # worker -> a warm model's load time (its slowest)
+    cold_s: dict[tuple[str, str], float] = {}
     for w in config.workers:
         if "profile" not in w.options:
             continue  # measured profiles of real engines come with the vllm engine
-        profile = SimProfile.load(config.resolve(str(w.options["profile"])))
+        default = SimProfile.load(config.resolve(str(w.options["profile"])))
+        own = sim_profiles(w, config) if w.engine == "sim" else {}
         seqs = w.options.get("max_num_seqs")
-        if isinstance(seqs, int) and 0 < seqs < profile.max_running:
-            # the worker runs fewer sequences than the engine it was measured on allowed
-            profile = dataclasses.replace(profile, max_running=seqs)
         for m in w.models:
+            profile = own.get(m, default)
+            if isinstance(seqs, int) and 0 < seqs < profile.max_running:
+                # the worker runs fewer sequences than the engine it was measured on allowed
+                profile = dataclasses.replace(profile, max_running=seqs)
             throughput.set_profile(w.id, m, profile)
-        load_s[w.id] = profile.warm_load_ms / 1000  # swaps to a model held warm
-        cold_s[w.id] = profile.load_ms / 1000
+            load_s[w.id] = max(load_s.get(w.id, 0.0), profile.warm_load_ms / 1000)
+            cold_s[w.id, m] = profile.load_ms / 1000
     if not load_s:
         raise ValueError("the qlm policy needs engine profiles: no worker of the config has one")
     generator = PlanGenerator(
         throughput, swap_s=lambda wid: load_s.get(wid, 0.0), name=name,
-        cold_swap_s=lambda wid, model: cold_s.get(wid, 0.0),
+        cold_swap_s=lambda wid, model: cold_s.get((wid, model), 0.0),
         slo_deadlines_s={c.name: c.ttft_deadline_ms / 1000 for c in config.slo_classes.values()},
         tpot_limits=name == "qlm-tpot")
     # qlm-cpsat: CP-SAT refines each greedy plan once it is in force (plan_once)
