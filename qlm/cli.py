@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                          "and qlm side by side, beside the simulator's figures")
     p.add_argument("--trace", default=None, help="Azure CSV or JSON lines (default: a seeded "
                    "synthetic trace shaped like the Azure 2023 conversation trace)")
-    p.add_argument("--scenario", default="wa", help="wa, wc or modern (one model per instance)")
+    p.add_argument("--scenario", default="wa", help="wa, wb, wc or modern")
     p.add_argument("--policies", default="fcfs,qlm")
     p.add_argument("--load", type=float, default=4.0, help="multiplier of the arrival rate")
     p.add_argument("--limit", type=int, default=300, help="the trace's first N requests")
