@@ -61,6 +61,7 @@ class WorkerRunner:
         # True while a pull stopped at the prefill budget: the next step's output wakes it
         self._prefill_wait = False
         self.model_swaps = 0
+        self._loading = ""  # the model a swap under way loads
         self._warming: dict[str, asyncio.Task] = {}
 
     @property
@@ -129,7 +130,8 @@ class WorkerRunner:
         _, lost = await self.store.heartbeat(
             self.id, ttl_ms=3 * self.config.heartbeat_ms, lease_ms=self.config.lease_ms,
             address=self.worker.advertise, engine=self.engine.kind,
-            models=self.servable(), loaded=self.engine.models(),
+            models=self.servable(),
+            loaded=[self._loading] if self._loading else self.engine.models(),
             warm=self.engine.warm_models(), max_running=stats.max_running,
             running=list(self.running),
         )
@@ -181,15 +183,23 @@ class WorkerRunner:
             return
         before = self.engine.models()
         log.info("%s: swapping %s -> %s", self.id, before, model)
-        for m in before:
-            if m != model:
-                await self.engine.unload_model(m)
+        # for planning, a swapping worker is the model it loads: read as the one going out, a
+        # plan would queue that model's work behind the swap and the next plan swap back
+        # (the simulator's instances show it so too)
+        self._loading = model
         try:
-            await self.engine.load_model(model)
-        except Exception:
-            for m in before:  # serve what it served rather than nothing
-                await self.engine.load_model(m)
-            raise
+            await self._heartbeat()
+            for m in before:
+                if m != model:
+                    await self.engine.unload_model(m)
+            try:
+                await self.engine.load_model(model)
+            except Exception:
+                for m in before:  # serve what it served rather than nothing
+                    await self.engine.load_model(m)
+                raise
+        finally:
+            self._loading = ""
         self.model_swaps += 1
 
     def warm(self, model: str) -> None:
