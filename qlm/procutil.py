@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -26,3 +27,13 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kills what is left of a service started with start_new_session=True: the processes it
+    started itself (vLLM's engine cores, 2-3 GB each, and a GPU's memory), which outlive it
+    when it is SIGKILLed, since a parent-death signal does not pass to grandchildren."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

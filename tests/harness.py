@@ -16,7 +16,7 @@ import yaml
 
 from qlm import config as qlm_config
 from qlm.inprocess import InProcessStack  # noqa: F401 (the tests import it from here)
-from qlm.procutil import stop_process
+from qlm.procutil import kill_group, stop_process
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROFILES = ROOT / "deploy" / "profiles"
@@ -44,6 +44,22 @@ def write_config(tmp_path: pathlib.Path, *, workers: list[dict], **overrides) ->
     return path
 
 
+def group_members(pgid: int) -> list[str]:
+    """Live (non-zombie) processes in process group `pgid`, as "PID (command)"."""
+    alive = []
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            raw = (d / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        fields = raw[raw.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            alive.append(f"{d.name} {raw[raw.index('('):raw.rindex(')') + 1]}")
+    return alive
+
+
 class ServiceProcess:
     """One service (`python -m services.X ...`) as its own process, for tests that kill it."""
 
@@ -51,7 +67,7 @@ class ServiceProcess:
         env = {**os.environ, qlm_config.REDIS_URL_ENV: redis_url}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )
 
     async def wait_healthy(self, address: str, timeout_s: float = 30.0) -> None:
@@ -67,8 +83,11 @@ class ServiceProcess:
             await asyncio.sleep(0.1)
 
     def kill(self) -> None:
+        """SIGKILL, as when its host is lost: whatever it started dies with it."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+        kill_group(self.proc)
 
     def stop(self) -> None:
         stop_process(self.proc)
+        kill_group(self.proc)

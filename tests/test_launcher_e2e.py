@@ -26,7 +26,7 @@ import pytest
 from qlm import config as qlm_config
 from qlm.redis_server import free_port
 
-from .harness import PROFILES, ROOT, write_config
+from .harness import PROFILES, ROOT, group_members, write_config
 
 GRPCURL = pathlib.Path(sys.executable).with_name("grpcurl")
 READY_TIMEOUT_S = 90.0
@@ -114,22 +114,6 @@ def descendants(pid: int) -> dict[int, str]:
                 found[child] = started
                 todo.append(child)
     return found
-
-
-def group_members(pgid: int) -> list[str]:
-    """Live (non-zombie) processes in process group `pgid`, as "PID (command)"."""
-    alive = []
-    for d in pathlib.Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            raw = (d / "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        fields = raw[raw.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            alive.append(f"{d.name} {raw[raw.index('('):raw.rindex(')') + 1]}")
-    return alive
 
 
 def kill_group(pgid: int) -> None:

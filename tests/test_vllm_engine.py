@@ -18,7 +18,7 @@ from qlm.engines.base import EngineRequest
 from qlm.redis_server import EmbeddedRedis, free_port
 from qlm.v1 import router_pb2, worker_pb2
 
-from .harness import ROOT, InProcessStack, ServiceProcess, write_config
+from .harness import ROOT, InProcessStack, ServiceProcess, group_members, write_config
 from .test_mesh import assert_dense, collect, gen, wait_state
 from .test_worker_actions import plan, worker_stub
 
@@ -215,6 +215,8 @@ async def test_killed_worker_request_completes_on_another_with_same_tokens(tmp_p
         while sum(len(m.token_ids) for m in messages) < 5:
             messages.append(await call.read())
         w1.kill()
+        # its engine core went with it (an orphan holds ~2 GB here, a GPU's memory there)
+        assert not group_members(w1.proc.pid)
         await stack.start_worker("w0", engine=pool)  # the survivor takes it after the lease
         while (m := await call.read()) != grpc.aio.EOF:
             messages.append(m)
