@@ -122,7 +122,7 @@ def test_keeps_the_greedy_plan_when_the_models_own_best_scores_lower():
     # long prompts into a queue whose batch they narrow (fewer sequences fit the KV cache),
     # which slows every group of that queue more than the model reckons. `score` sees it,
     # and the greedy plan stays.
-    snap = planner.small_snapshot(35)
+    snap = planner.small_snapshot(66)
     gen = planner.qlm_policy(len(snap.workers))
     greedy = gen(snap)
     result = CpSatRefiner(gen, budget_s=None).refine(snap, greedy)

@@ -132,6 +132,172 @@ def test_standard_error_shrinks_with_data_and_grows_with_a_wrong_prior():
     assert wrong.standard_error("m", "c") > 3 * few.standard_error("m", "c")
 
 
+# --- running requests: censored observations of the lengths ----------------------------------
+
+
+def kaplan_meier_mean(exact, censored) -> float:
+    """E[L] by the product limit, the textbook way (an event at t comes before a censoring at
+    t; the longest observation is exact, so the estimate is a proper distribution)."""
+    exact, censored = np.asarray(exact), np.asarray(censored)
+    survival, mean = 1.0, 0.0
+    for t in np.unique(exact):
+        at_risk = (exact >= t).sum() + (censored >= t).sum()
+        after = survival * (1 - (exact == t).sum() / at_risk)
+        mean += t * (survival - after)
+        survival = after
+    return mean
+
+
+def test_running_requests_are_censored_observations_by_the_product_limit():
+    rng = np.random.default_rng(11)
+    exact = rng.integers(10, 400, 60)
+    censored = rng.integers(10, 300, 40)  # still running: each L > what it has produced
+    s = OutputLengthStats(prior_weight=0)
+    for x in exact:
+        s.observe("m", "c", int(x))
+    s.set_running([("m", [("c", int(g), None) for g in censored])])
+    assert s.mean("m", "c") == pytest.approx(kaplan_meier_mean(exact, censored))
+    assert s.mean("m", "c") > exact.mean()  # the running ones are the longer ones
+    # a request that has produced g: the same estimate, conditioned on L > g
+    g = 200
+    kept = censored[censored > g]
+    assert s.moments("m", "c", generated=g)[0] == pytest.approx(
+        kaplan_meier_mean(exact[exact > g], kept) - g)
+
+
+def test_no_running_requests_leave_the_window_as_it_was():
+    rng = np.random.default_rng(12)
+    xs = lognormal(rng, 500).astype(int)
+    plain, s = OutputLengthStats(), OutputLengthStats()
+    for x in xs:
+        plain.observe("m", "c", int(x))
+        s.observe("m", "c", int(x))
+    s.set_running([("m", [("c", 3000, None)] * 50)])
+    assert s.mean("m", "c") > plain.mean("m", "c")
+    s.set_running([])  # they finished: the next plan's snapshot has none
+    for g in (0, 100, 1000):
+        assert s.moments("m", "c", generated=g) == plain.moments("m", "c", generated=g)
+        for q in (0.1, 0.5, 0.95):
+            assert s.quantile("m", "c", q, generated=g) == plain.quantile("m", "c", q, generated=g)
+    # quantiles of the window above g interpolate its order statistics, as numpy does
+    above = np.sort(xs[xs > 100]).astype(float)
+    for q in (0.2, 0.8):
+        assert plain.quantile("m", "c", q, generated=100) == pytest.approx(
+            np.quantile(above, q) - 100)
+
+
+def test_censoring_lifts_every_estimate_and_never_below_what_was_generated():
+    rng = np.random.default_rng(13)
+    plain, s = OutputLengthStats(), OutputLengthStats()
+    for x in rng.integers(20, 120, 200):  # the learned mean is ~70
+        plain.observe("m", "c", int(x))
+        s.observe("m", "c", int(x))
+    s.set_running([("m", [("c", int(g), None) for g in (5, 80, 150, 150, 600, 900)])])
+    for g in (0, 50, 100, 150, 500, 2000):
+        for cap in (None, 100, 700):
+            left, base = s.moments("m", "c", cap, g)[0], plain.moments("m", "c", cap, g)[0]
+            assert left >= base - 1e-9 and left >= 0.0
+            for q in (0.5, 0.95):
+                x = s.quantile("m", "c", q, cap, g)
+                assert x >= plain.quantile("m", "c", q, cap, g) - 1e-9 and x >= 0.0
+    # a request past the learned mean: others have run far longer, so it may too
+    assert s.moments("m", "c", generated=150)[0] > plain.moments("m", "c", generated=150)[0]
+
+
+def test_running_requests_count_for_less_once_completions_outnumber_the_window():
+    # the window stands for every completion seen; in steady state it is unbiased, and the
+    # running requests (a length-biased sample: long ones run longest) should not skew it
+    fresh, steady = OutputLengthStats(window=100), OutputLengthStats(window=100)
+    for i in range(1000):
+        if i >= 900:
+            fresh.observe("m", "c", 50 + i % 100)
+        steady.observe("m", "c", 50 + i % 100)
+    base = steady.mean("m", "c")
+    assert fresh.mean("m", "c") == base
+    running = [("m", [("c", 300, None)] * 50)]
+    fresh.set_running(running)
+    steady.set_running(running)
+    assert 0 < steady.mean("m", "c") - base < 0.2 * (fresh.mean("m", "c") - base)
+
+
+def test_a_cohort_with_no_completions_yet_is_not_estimated_as_short():
+    # 100 requests started together and every one has produced 400 tokens: none is done, so
+    # the lengths of this cohort are all over 400, whatever the prior's mean (256)
+    s = OutputLengthStats()
+    s.set_running([("m", [("c", 400, None)] * 100)])
+    assert s.mean("m", "c") > 400
+    assert s.quantile("m", "c", 0.5) > 400
+    # ... and the first completions of a cohort are its short requests: lengths ~ log-normal
+    # (mean ~310), all started at once, 1 token per step; 150 steps in, 58 % have finished
+    rng = np.random.default_rng(14)
+    lengths = np.maximum(lognormal(rng, 400), 1).astype(int)
+    done, running = lengths[lengths <= 150], lengths[lengths > 150]
+    naive, s = OutputLengthStats(), OutputLengthStats()
+    for x in done:
+        naive.observe("m", "c", int(x))
+        s.observe("m", "c", int(x))
+    s.set_running([("m", [("c", 150, None)] * len(running))])
+    # how far past 150 the running ones go is the prior's guess (its tail is lighter here),
+    # but that 42 % of the cohort is past 150 is known
+    true = lengths.mean()
+    assert naive.mean("m", "c") < 0.3 * true < 0.6 * true < s.mean("m", "c") < true
+    assert s.quantile("m", "c", 0.5, generated=100) > 150 > naive.quantile(
+        "m", "c", 0.5, generated=100)
+
+
+def test_running_requests_past_the_learned_mean_make_the_batch_hold_more_kv():
+    # completions so far ~50 tokens; the batch's requests have produced 100 (past that mean)
+    # and 600: the one at 100 is likely to run much longer than 50 more, and the KV the batch
+    # holds (its contexts and the output still to come) keeps a 2,000-token prompt waiting
+    s = OutputLengthStats(prior_weight=5)
+    for x in range(30, 70):
+        s.observe("m", "c", x)
+    est = estimator(s, Profile(max_running=16, decode_step_ms=10, kv_capacity_tokens=12_000))
+    running = [("c", 100, None, 1100)] * 4 + [("c", 600, None, 1600)] * 4
+    before = s.moments("m", "c", generated=100)[0]
+    blind = est.estimate("w", queue(1, prompt=2000), running=running)[0]
+    s.set_running([("m", running)])
+    assert s.moments("m", "c", generated=100)[0] > 2 * before
+    aware = est.estimate("w", queue(1, prompt=2000), running=running)[0]
+    assert aware.mean > blind.mean and aware.quantile(Z95) > blind.quantile(Z95)
+
+
+def test_running_requests_of_a_band_lift_that_band():
+    s = OutputLengthStats(prior_weight=10)
+    for _ in range(50):
+        s.observe("m", "c", 40, prompt_tokens=100)
+        s.observe("m", "c", 40, prompt_tokens=3000)
+    short, long_ = s.band(100), s.band(3000)
+    s.set_running([("m", [("c", 500, None, 3000 + 500)] * 50)])  # long prompts, running long
+    assert s.mean("m", "c", band=long_) > 3 * s.mean("m", "c", band=short)
+    assert s.mean("m", "c", band=short) < s.mean("m", "c")  # the class moved less
+    # a band with no running requests of its own: its completions and its class, blended
+    assert s.mean("m", "c", band=short) == pytest.approx((50 * 40 + 10 * s.mean("m", "c")) / 60)
+    # a table reads its lifted prior at many points at once (a band's, at its own censoring
+    # points) as it does at one
+    table = s._table(("m", "c", long_))
+    xs = np.array([0.0, 40.0, 100.0, 500.0, 501.0, 5000.0])
+    many = table.parts(xs)
+    for i, x in enumerate(xs):
+        for got, want in zip((many[0][:, i], many[1][:, i]), table.part(x), strict=True):
+            assert got == pytest.approx(want)
+
+
+def test_a_plan_reads_its_snapshots_running_requests_as_censored():
+    from qlm.core.plan import GroupView, Snapshot, WorkerView
+    from qlm.core.plan_generator import PlanGenerator
+
+    gen = PlanGenerator(InstanceThroughput(Profile(max_running=64)))
+    for x in range(30, 70):
+        gen.observe("m", "c", x)
+    before = gen.lengths.mean("m", "c")
+    worker = WorkerView(id="w", models=("m",), max_running=64, loaded="m", running=32,
+                        running_work=(("c", 500, 0),) * 32)
+    gen(Snapshot(now_ms=0, workers=(worker,), groups=(
+        GroupView(id="g", model="m", slo_class="c", deadline_ms=10_000, sequence=0, queued=1),)))
+    assert gen.lengths.mean("m", "c") > 2 * before
+
+
 # --- instance throughput ---------------------------------------------------------------------
 
 

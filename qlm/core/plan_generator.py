@@ -205,6 +205,9 @@ class PlanGenerator:
         if self.tpot_limits:
             plan.step_limits = step_limits(snapshot, self._throughput)
             self.estimator.throughput = CappedThroughput(self._throughput, plan.step_limits)
+        # the running requests are censored observations of the output lengths (L > generated)
+        self.lengths.set_running((w.loaded, self._running(w)) for w in snapshot.workers
+                                 if w.loaded)
         waits = {
             w.id: self.estimator.queue(
                 w.id, w.loaded or None, self._running(w), self.swap_s(w.id), w.ready_in_s,
