@@ -215,7 +215,12 @@ async def test_killed_worker_request_completes_on_another_with_same_tokens(tmp_p
         while sum(len(m.token_ids) for m in messages) < 5:
             messages.append(await call.read())
         w1.kill()
-        # its engine core went with it (an orphan holds ~2 GB here, a GPU's memory there)
+        # its engine core went with it (an orphan holds ~2 GB here, a GPU's memory there);
+        # killed processes take a moment to exit
+        for _ in range(100):
+            if not group_members(w1.proc.pid):
+                break
+            await asyncio.sleep(0.05)
         assert not group_members(w1.proc.pid)
         await stack.start_worker("w0", engine=pool)  # the survivor takes it after the lease
         while (m := await call.read()) != grpc.aio.EOF:
