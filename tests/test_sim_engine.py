@@ -498,3 +498,16 @@ async def test_requests_waiting_for_kv_leave_no_free_slots(make_engine):
     assert engine.free_slots() == 0  # batch room left, but what waits already fills the KV
     for t in tasks + more:
         t.cancel()
+
+
+async def test_steps_keep_to_the_profiles_timeline_when_the_loop_falls_behind():
+    engine = SimEngine(["m"], PROFILE, time_scale=1.0)
+    loop = asyncio.get_running_loop()
+    late = loop.time() - 0.5  # the loop was busy: the last step ended 0.5 s ago
+    assert await engine._step_until(late, 10.0) == pytest.approx(late + 0.010)  # no sleep
+    far = loop.time() - 5.0  # beyond MAX_LAG_S the lost time is let go
+    now = loop.time()
+    assert await engine._step_until(far, 10.0) >= now
+    start = loop.time()
+    end = await engine._step_until(None, 10.0)  # idle before: a step from now
+    assert end >= start + 0.010 and loop.time() >= end

@@ -102,6 +102,9 @@ class SimProfile:
             raise ConfigError(f"sim profile {path}: {e}") from None
 
 
+# The most a sim engine catches up on its profile's timeline after the event loop fell behind.
+MAX_LAG_S = 1.0
+
 @dataclasses.dataclass(eq=False)
 class _Seq:
     request: EngineRequest
@@ -349,19 +352,36 @@ class SimEngine(Engine):
         # asyncio.sleep(0) still yields, so time_scale 0 never starves other coroutines.
         await asyncio.sleep(ms * self.time_scale / 1000)
 
+    async def _step_until(self, end: float | None, step_ms: float) -> float:
+        """Waits out one step on the modelled clock and returns when it ended. Steps keep to
+        the profile's timeline rather than each sleeping its full length after the event loop
+        has done the previous step's work: on a busy machine that work (the worker's token
+        appends) would otherwise add to every step, and a sim engine would run slower than
+        its profile. A step the loop is already late for takes no time (catching up), within
+        MAX_LAG_S; beyond that the lost time is let go."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        target = (now if end is None else end) + step_ms * self.time_scale / 1000
+        if target - now < -MAX_LAG_S:
+            target = now
+        await asyncio.sleep(max(0.0, target - now))  # sleep(0) still yields
+        return target
+
     async def _run(self) -> None:
+        end = None  # when the last step ended on the modelled clock (None: idle)
         try:
             while True:
                 admitted = self._admit()
                 if not self._running:
                     self._wake.clear()
                     await self._wake.wait()
+                    end = None
                     continue
                 step_ms = self.profile.step_ms(
                     sum(len(s.request.prompt_token_ids) for s in admitted), len(self._running))
                 self.steps += 1
                 self.sim_time_ms += step_ms
-                await self._sleep(step_ms)
+                end = await self._step_until(end, step_ms)
                 # Requests aborted during the step are gone from _running; new ones wait.
                 for seq in list(self._running.values()):
                     self._advance(seq)
