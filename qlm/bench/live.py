@@ -55,6 +55,8 @@ CHANNELS = 8  # client connections to the router; streams are spread over them
 MAX_GROUP_SIZE = 32
 PLAN_DEBOUNCE_S = 0.02  # the planner service's (services/planner/loop.py DEBOUNCE_S)
 SPEED_BAND = 0.05  # engine speed change for the simulator's sensitivity band
+DEBOUNCE_JITTER_S = (0.01, 0.03, 0.04)  # planner debounces besides PLAN_DEBOUNCE_S, for it too
+TIMING_BAND = 0.1  # planner cadence change, for it too
 REDIS_POOL = 4096  # Redis connections each service may open (see run_stack)
 
 
@@ -209,16 +211,30 @@ def simulate(requests: list[SimRequest], fleet, policy: str, scenario, s: float,
     return row
 
 
-def sim_band(requests, fleet, policy, scenario, s, interval_s, at_speed: float) -> list[float]:
-    """The simulator's attainment range when its engines run SPEED_BAND slower or faster, as
-    live engines on a busy machine do: a yardstick for the live-sim difference (an overloaded
-    fleet's attainment can move by more than the tolerance for a few percent of speed)."""
-    found = [at_speed]
+def sim_band(requests, fleet, policy, scenario, s, interval_s, nominal: dict) -> dict:
+    """The simulator's attainment range (overall and per class) over what a live run cannot
+    hold fixed: engines SPEED_BAND slower or faster (a busy machine), and the planner's timing
+    (its debounce DEBOUNCE_JITTER_S apart, its cadence TIMING_BAND longer or shorter). fcfs on
+    an overloaded slice is chaotic in the second: wa, 300 requests at 4x, moved 0.83-0.92
+    overall and 0.66-0.84 interactive for 10 ms of debounce (docs/benchmarks.md). A live
+    figure is compared with this range, not with the one nominal run."""
+    rows = [nominal]
     for factor in (1 - SPEED_BAND, 1 + SPEED_BAND):
         changed = [(i, {m: scaled_profile(p, factor) for m, p in ps.items()}) for i, ps in fleet]
-        found.append(simulate(requests, changed, policy, scenario, s, interval_s,
-                              PLAN_DEBOUNCE_S)["slo_attainment"])
-    return [min(found), max(found)]
+        rows.append(simulate(requests, changed, policy, scenario, s, interval_s,
+                             PLAN_DEBOUNCE_S))
+    for debounce in DEBOUNCE_JITTER_S:
+        rows.append(simulate(requests, fleet, policy, scenario, s, interval_s, debounce))
+    for factor in (1 - TIMING_BAND, 1 + TIMING_BAND):
+        rows.append(simulate(requests, fleet, policy, scenario, s, interval_s * factor,
+                             PLAN_DEBOUNCE_S))
+
+    def span(values):
+        return [min(values), max(values)]
+    return {"slo_attainment": span([r["slo_attainment"] for r in rows]),
+            "slo_attainment_by_class": {
+                c: span([r["slo_attainment_by_class"].get(c, 0.0) for r in rows])
+                for c in nominal["slo_attainment_by_class"]}}
 
 
 # --- the live replay -------------------------------------------------------------------------
@@ -421,15 +437,21 @@ def run_stack(config_path: pathlib.Path, requests: list[SimRequest], policy: str
 
 
 def compare(live: dict, sim: dict, tolerance: float) -> dict:
+    """Live minus the nominal simulation (`diff`), and how far live attainment lies outside
+    the simulator's band (sim_band), overall and per class: within the tolerance, they
+    agree."""
     diff = {"slo_attainment": round(live["slo_attainment"] - sim["slo_attainment"], 4)}
     diff["slo_attainment_by_class"] = {
         c: round(v - sim["slo_attainment_by_class"].get(c, 0.0), 4)
         for c, v in live["slo_attainment_by_class"].items()}
     for k in ("ttft_p50_s", "ttft_p99_s", "throughput_rps"):
         diff[k] = round(live[k] - sim[k], 3)
-    worst = max([abs(diff["slo_attainment"])]
-                + [abs(v) for v in diff["slo_attainment_by_class"].values()])
-    return {"diff": diff, "max_attainment_diff": round(worst, 4), "within": worst <= tolerance}
+    band = sim["band"]
+    pairs = [(live["slo_attainment"], band["slo_attainment"])] + [
+        (v, band["slo_attainment_by_class"].get(c, [0.0, 0.0]))
+        for c, v in live["slo_attainment_by_class"].items()]
+    outside = max(max(lo - v, v - hi, 0.0) for v, (lo, hi) in pairs)
+    return {"diff": diff, "outside_band": round(outside, 4), "within": outside <= tolerance}
 
 
 def run(trace: list[TraceRequest], trace_name: str, scenario_name: str, policies: list[str],
@@ -446,8 +468,7 @@ def run(trace: list[TraceRequest], trace_name: str, scenario_name: str, policies
             path = write_stack_config(pathlib.Path(folder), scenario, fleet, policy, s)
             live = run_stack(path, requests, policy, s, timeout_s, progress, redis_pool)
             sim = simulate(requests, fleet, policy, scenario, s, interval_s, PLAN_DEBOUNCE_S)
-            sim["slo_attainment_band"] = sim_band(requests, fleet, policy, scenario, s,
-                                                  interval_s, sim["slo_attainment"])
+            sim["band"] = sim_band(requests, fleet, policy, scenario, s, interval_s, sim)
             rows.append({"scenario": scenario_name, "load": load, "policy": policy,
                          "live": live, "sim": sim, **compare(live, sim, tolerance)})
     return {
@@ -481,9 +502,7 @@ def table(report: dict) -> str:
     for r in report["rows"]:
         for source in ("live", "sim"):
             f = r[source]
-            lo, hi = r["sim"]["slo_attainment_band"]
-            note = (f"{f['requeues']} requeued, {f['model_swaps']} swaps; "
-                    f"engines ±{SPEED_BAND:.0%}: {lo:.3f}-{hi:.3f}")
+            note = f"{f['requeues']} requeued, {f['model_swaps']} swaps"
             if source == "live":
                 bad = {k: v for k, v in f["statuses"].items() if k != "length"}
                 note = (f"{f['completed']}/{f['requests']} whole" + (f" {bad}" if bad else "")
@@ -495,14 +514,25 @@ def table(report: dict) -> str:
                 + "".join(f"{f['slo_attainment_by_class'].get(c, 0):>12.3f}" for c in classes)
                 + f"{f['ttft_p50_s']:>10.2f}{f['ttft_p99_s']:>10.2f}{f['throughput_rps']:>9.2f}"
                 + f"  {note}")
+        band = r["sim"]["band"]
+
+        def span(lo_hi, width):
+            return f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}".rjust(width)
+        lines.append(
+            f"{r['policy']:<9}{'band':<7}{span(band['slo_attainment'], 8)}"
+            + "".join(span(band["slo_attainment_by_class"].get(c, [0, 0]), 12)
+                      for c in classes)
+            + f"{'':29}  sim: engines ±{SPEED_BAND:.0%}, planner timing jittered")
         d = r["diff"]
         lines.append(
             f"{r['policy']:<9}{'diff':<7}{d['slo_attainment']:>+8.3f}"
             + "".join(f"{d['slo_attainment_by_class'].get(c, 0):>+12.3f}" for c in classes)
             + f"{d['ttft_p50_s']:>+10.2f}{d['ttft_p99_s']:>+10.2f}{d['throughput_rps']:>+9.2f}"
-            + f"  {'within' if r['within'] else 'OUTSIDE'} ±{p['tolerance']:g}")
+            + f"  live {r['outside_band']:.3f} outside the band: "
+            + f"{'within' if r['within'] else 'OUTSIDE'} ±{p['tolerance']:g}")
     lines.append("")
-    lines.append(f"attainment tolerance ±{p['tolerance']:g} absolute (overall and per class): "
+    lines.append(f"agreement: live attainment within ±{p['tolerance']:g} of the simulator's band "
+                 "(overall and per class): "
                  + ("met by every policy" if report["within_tolerance"] else "missed by "
                     + ", ".join(r["policy"] for r in report["rows"] if not r["within"])))
     return "\n".join(lines)
