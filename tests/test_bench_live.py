@@ -53,7 +53,8 @@ def test_bench_live_replays_every_request_through_the_stack(tmp_path):
         lo, hi = band["slo_attainment"]
         assert 0 <= lo <= sim["slo_attainment"] <= hi <= 1
         for c, v in sim["slo_attainment_by_class"].items():
-            assert band["slo_attainment_by_class"][c][0] <= v <= band["slo_attainment_by_class"][c][1]
+            c_lo, c_hi = band["slo_attainment_by_class"][c]
+            assert c_lo <= v <= c_hi
         assert lv["cpu_s"]["router"] > 0 and lv["cpu_s"]["worker w0"] > 0
         # how far live lies outside the band, overall or in a class (0 inside)
         pairs = [(lv["slo_attainment"], band["slo_attainment"])] + [

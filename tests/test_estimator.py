@@ -12,11 +12,11 @@ import pytest
 from qlm.core.estimator import (
     Calibration,
     InstanceThroughput,
-    OutputLengthStats,
     QueuedGroup,
     WaitEstimate,
     WaitingTimeEstimator,
 )
+from qlm.core.lengths import OutputLengthStats
 
 Z95 = NormalDist().inv_cdf(0.95)
 

@@ -21,7 +21,8 @@ from qlm.bench import percentile
 from qlm.bench.plots import write_plots
 from qlm.core import policies
 from qlm.core.cpsat import RefinedPlanGenerator
-from qlm.core.estimator import InstanceThroughput, OutputLengthStats
+from qlm.core.estimator import InstanceThroughput
+from qlm.core.lengths import OutputLengthStats
 from qlm.core.plan_generator import ExactLengths, PlanGenerator
 from qlm.engines.sim import SimProfile
 from qlm.sim import get_scenario, load_trace, scale_load

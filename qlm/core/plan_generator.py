@@ -36,12 +36,11 @@ from statistics import NormalDist
 from .estimator import (
     Calibration,
     InstanceThroughput,
-    OutputLengthStats,
     QueuedGroup,
     WaitEstimate,
     WaitingTimeEstimator,
-    group_band,
 )
+from .lengths import OutputLengthStats, group_band
 from .plan import GroupView, Plan, RunningView, Snapshot, WorkerView
 from .tpot import CappedThroughput, step_limits
 
