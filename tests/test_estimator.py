@@ -600,3 +600,16 @@ def test_calibration_reports_coverage_and_bias():
     for actual in (9.0, 10.0, 10.5):
         strict.record(e, actual)
     assert strict.coverage() == pytest.approx(2 / 3)
+
+
+def test_calibration_reports_the_uncertain_waits_apart():
+    cal = Calibration(confidence=0.95)
+    sure = WaitEstimate(mean=0.01, std=0.0)  # starts at the next step, no spread
+    unsure = WaitEstimate(mean=10.0, std=1.0, tail="normal")
+    for actual in (0.01, 0.01, 0.01):
+        cal.record(sure, actual)
+    cal.record(unsure, 5.0)
+    cal.record(unsure, 20.0)
+    assert cal.coverage() == pytest.approx(4 / 5)
+    assert (cal.uncertain, cal.coverage_uncertain()) == (2, 0.5)
+    assert math.isnan(Calibration().coverage_uncertain())

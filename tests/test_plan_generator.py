@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from qlm.core import policies
 from qlm.core.estimator import InstanceThroughput
 from qlm.core.plan import GroupView, SloView, Snapshot, WorkerView
@@ -94,6 +96,21 @@ def test_the_plan_warms_the_first_model_a_queue_will_swap_to():
     assert gen(Snapshot(now_ms=0, groups=groups, workers=(w1,))).warm_starts == {"w1": ["c"]}
     w2 = dataclasses.replace(w0, id="w2", warm=None)
     assert gen(Snapshot(now_ms=0, groups=groups, workers=(w2,))).warm_starts == {}
+
+
+def test_work_starts_no_sooner_than_the_plan_is_in_force():
+    # the batch's steps are 10 ms; the plan takes effect after its compute time, so a group
+    # placed on a busy worker starts at the first step end after that, and on an idle one then
+    gen = generator(("w0", "w1"))
+    busy = dataclasses.replace(busy_worker(), ready_in_s=0.004)
+    idle = worker("w1")
+    assert gen.ready_s(busy) == 0.004 and gen.ready_s(idle) == 0.0  # no plan made yet
+    gen._compute_s.append(0.025)
+    assert gen.ready_s(busy) == pytest.approx(0.034)  # 4 ms, then three 10 ms steps
+    assert gen.ready_s(idle) == pytest.approx(0.025)
+    snap = Snapshot(now_ms=0, groups=(group("g1", 600.0),), workers=(busy,))
+    gen(snap)  # a real plan's compute time replaces nothing: the longest of the last few counts
+    assert gen.ready_s(busy) == pytest.approx(0.034)
 
 
 def test_spreads_equal_groups_over_workers():

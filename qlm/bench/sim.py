@@ -90,7 +90,7 @@ def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
 
 
 def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
-              coverage: float | None = None) -> dict:
+              calibration=None) -> dict:
     reqs = result.requests
     done = [r for r in reqs if r.finish_s is not None]
     met = [slo_met(r) for r in reqs]
@@ -120,7 +120,12 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
         "evictions": result.evictions,
         "planner_ms_p99": round(percentile(sorted(result.planner_ms), 99), 3),
         "plans": result.plans,
-        "estimator_coverage": None if coverage is None else round(coverage, 4),
+        "estimator_coverage": None if calibration is None else round(calibration.coverage(), 4),
+        # of the groups whose wait the estimate was uncertain of (Calibration)
+        "estimator_coverage_uncertain": None if calibration is None
+        else round(calibration.coverage_uncertain(), 4),
+        "estimator_uncertain_share": None if calibration is None or not calibration.count
+        else round(calibration.uncertain / calibration.count, 4),
     }
 
 
@@ -199,7 +204,7 @@ def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], 
                                 oracle=name == "oracle", kv_swap_ms=kv_swap_ms).run()
             calibration = getattr(policy, "calibration", None)
             runs.append(summarize(result, scenario=scenario, load=load, policy=name,
-                                  coverage=calibration.coverage() if calibration else None))
+                                  calibration=calibration))
     if progress:
         print(f"\r[{'#' * 20}] {total}/{total} in {time.monotonic() - started:.1f}s"
               + " " * 20, file=sys.stderr)

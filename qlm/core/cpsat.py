@@ -79,7 +79,7 @@ class _Scorer:
         w = self.workers[wid]
         return self.gen.estimator.queue(
             wid, w.loaded or None, [(c, g, m or None) for c, g, m in w.running_work],
-            self.gen.swap_s(wid), w.ready_in_s, self.gen._cold(w))
+            self.gen.swap_s(wid), self.gen.ready_s(w), self.gen._cold(w))
 
     def queue(self, wid: str, gids) -> tuple[int, int, int, dict, dict]:
         """(met, total, swaps, gid -> slack s, gid -> WaitEstimate) of one virtual queue."""

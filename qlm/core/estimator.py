@@ -439,19 +439,31 @@ class Calibration:
     def __init__(self, confidence: float = 0.95):
         self.confidence, self.z = confidence, _N01.inv_cdf(confidence)
         self.count = self.hits = 0
+        # the same for the waits the estimate was uncertain of (std over the tolerance): a
+        # group sure to start at the next step has no 95 % to calibrate, it is right or wrong,
+        # and where most are (wa at 1x: half) they lift the overall figure
+        self.uncertain = self.uncertain_hits = 0
         self._error_sum = 0.0
 
     # Waits are compared to the millisecond (the services' clocks tick in ms).
     TOLERANCE_S = 0.001
 
     def record(self, predicted: WaitEstimate, actual_s: float) -> None:
+        hit = actual_s <= predicted.quantile(self.z) + self.TOLERANCE_S
         self.count += 1
-        self.hits += actual_s <= predicted.quantile(self.z) + self.TOLERANCE_S
+        self.hits += hit
+        if predicted.std > self.TOLERANCE_S:
+            self.uncertain += 1
+            self.uncertain_hits += hit
         self._error_sum += actual_s - predicted.mean
 
     def coverage(self) -> float:
         """Fraction of actual waits <= predicted quantile(z); nan before any record."""
         return self.hits / self.count if self.count else math.nan
+
+    def coverage_uncertain(self) -> float:
+        """coverage() of the uncertain waits only; nan before any."""
+        return self.uncertain_hits / self.uncertain if self.uncertain else math.nan
 
     def bias_s(self) -> float:
         """Mean of (actual - predicted mean): > 0 means the estimator is optimistic."""
