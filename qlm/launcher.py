@@ -116,7 +116,7 @@ class Stack:
                 print(f"{name} did not stop in 10 s; killing it", file=sys.stderr)
                 proc.kill()
                 proc.wait()
-            kill_group(proc)
+            kill_group(proc.pid)
         self.procs = []
         if self.redis:
             self.redis.stop()

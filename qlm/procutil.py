@@ -29,11 +29,12 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
         proc.wait()
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """Kills what is left of a service started with start_new_session=True: the processes it
-    started itself (vLLM's engine cores, 2-3 GB each, and a GPU's memory), which outlive it
-    when it is SIGKILLed, since a parent-death signal does not pass to grandchildren."""
+def kill_group(pgid: int) -> None:
+    """Kills what is left of a process started with start_new_session=True (its pid is the
+    group's id): the processes it started itself (vLLM's engine cores, 2-3 GB each, and a GPU's
+    memory), which outlive it when it is SIGKILLed, since a parent-death signal does not pass
+    to grandchildren."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass

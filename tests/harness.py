@@ -86,8 +86,8 @@ class ServiceProcess:
         """SIGKILL, as when its host is lost: whatever it started dies with it."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
-        kill_group(self.proc)
+        kill_group(self.proc.pid)
 
     def stop(self) -> None:
         stop_process(self.proc)
-        kill_group(self.proc)
+        kill_group(self.proc.pid)

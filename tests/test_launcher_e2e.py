@@ -24,6 +24,7 @@ import time
 import pytest
 
 from qlm import config as qlm_config
+from qlm.procutil import kill_group
 from qlm.redis_server import free_port
 
 from .harness import PROFILES, ROOT, group_members, write_config
@@ -114,14 +115,6 @@ def descendants(pid: int) -> dict[int, str]:
                 found[child] = started
                 todo.append(child)
     return found
-
-
-def kill_group(pgid: int) -> None:
-    """Last-resort cleanup of a launcher this module started (its session and group id)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def accepts_connections(port: int) -> bool:

@@ -33,10 +33,7 @@ def create_engine(worker: WorkerConfig, stack: StackConfig) -> Engine:
         ):
             raise ConfigError(f"{where}.time_scale must be a number >= 0, got {time_scale!r}")
         profile = SimProfile.load(stack.resolve(str(worker.options["profile"])))
-        active = worker.options.get("active")
-        if active is not None and (not isinstance(active, list)
-                                   or not active or not set(active) <= set(worker.models)):
-            raise ConfigError(f"{where}.active must list models of the worker, got {active!r}")
+        active = _active(worker, where, None)  # None: all of them
         return SimEngine(list(worker.models), profile, float(time_scale), active,
                          sim_profiles(worker, stack))
     if worker.engine == "vllm":
@@ -92,7 +89,14 @@ def _vllm_engine(worker: WorkerConfig, stack: StackConfig, where: str) -> Engine
         if not m.path:
             raise ConfigError(f"models.{name}: the vllm engine needs the model's `path`")
         models.append(VllmModel(name, model_location(stack, name), m.max_model_len))
-    active = worker.options.get("active", [worker.models[0]])
-    if not isinstance(active, list) or not set(active) <= set(worker.models):
+    return VllmEngine(models, _active(worker, where, [worker.models[0]]),
+                      VllmOptions(**options))
+
+
+def _active(worker: WorkerConfig, where: str, default: list[str] | None) -> list[str] | None:
+    """The models a worker serves at start (option `active`), some of its models."""
+    active = worker.options.get("active", default)
+    if active is not None and (not isinstance(active, list) or not active
+                               or not set(active) <= set(worker.models)):
         raise ConfigError(f"{where}.active must list models of the worker, got {active!r}")
-    return VllmEngine(models, active, VllmOptions(**options))
+    return active

@@ -182,7 +182,10 @@ class SimEngine(Engine):
     @property
     def profile(self) -> SimProfile:
         """The cost model in force: the first served model's."""
-        return self.profiles.get(next(iter(self._served), ""), self._default_profile)
+        return self._profile_of(next(iter(self._served), ""))
+
+    def _profile_of(self, model: str) -> SimProfile:
+        return self.profiles.get(model, self._default_profile)
 
     def warm_models(self) -> list[str]:
         return sorted(self._warm - set(self._served))
@@ -256,7 +259,7 @@ class SimEngine(Engine):
     async def load_model(self, model: str) -> None:
         if model in self._served:
             return
-        p = self.profiles.get(model, self._default_profile)
+        p = self._profile_of(model)
         cost = p.warm_load_ms if model in self._warm else p.load_ms
         self.load_time_ms += cost
         await self._sleep(cost)
@@ -276,7 +279,7 @@ class SimEngine(Engine):
         if model in self._warm or model in self._served:
             return
         # the part of a cold load a warm start does ahead (the simulator's warm starts too)
-        p = self.profiles.get(model, self._default_profile)
+        p = self._profile_of(model)
         self.load_time_ms += p.load_ms - p.warm_load_ms
         await self._sleep(p.load_ms - p.warm_load_ms)
         self._warm.add(model)
