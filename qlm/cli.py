@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder for the SVG plots ('' for none)")
     p.add_argument("--profiles", default=str(PROFILES), help="engine profile folder")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs side by side (default: one per CPU this process may use)")
     p.set_defaults(func=cmd_bench_sim)
 
     p = bench.add_parser("live", help="a time-scaled trace through the running stack, fcfs "

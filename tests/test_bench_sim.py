@@ -74,6 +74,20 @@ def test_runs_every_policy_and_load_on_the_same_requests(trace, profiles, tmp_pa
         assert len(lines) == 3
 
 
+def test_runs_side_by_side_give_the_runs_of_one_at_a_time(trace, profiles):
+    args = (str(trace), "wa", ["fcfs", "edf"], [1.0, 8.0])
+    serial = bench_sim.run(*args, profiles_dir=profiles, progress=False, jobs=1)
+    parallel = bench_sim.run(*args, profiles_dir=profiles, progress=False, jobs=2)
+    assert [(r["load"], r["policy"]) for r in parallel] == [
+        (1.0, "fcfs"), (1.0, "edf"), (8.0, "fcfs"), (8.0, "edf")]
+    for one, other in zip(serial, parallel, strict=True):
+        assert (one["load"], one["policy"]) == (other["load"], other["policy"])
+        # the same runs (the charged planner time may move a request or two)
+        assert other["slo_attainment"] == pytest.approx(one["slo_attainment"], abs=0.02)
+        assert other["ttft_p50_s"] == pytest.approx(one["ttft_p50_s"], rel=0.1, abs=0.05)
+    assert serial[2]["ttft_p50_s"] > 2 * serial[0]["ttft_p50_s"]  # the loads differ
+
+
 def test_errors_are_clear(trace, profiles, capsys, tmp_path):
     assert cli(["bench", "sim", "--trace", str(trace), "--scenario", "wa",
                 "--policies", "fcfs,nope", "--profiles", str(profiles)]) == 2

@@ -283,6 +283,32 @@ def test_running_requests_of_a_band_lift_that_band():
             assert got == pytest.approx(want)
 
 
+
+@pytest.mark.parametrize("cap", [None, 300])
+def test_remainders_of_a_batch_at_once_match_one_at_a_time(cap):
+    rng = np.random.default_rng(3)
+    s = OutputLengthStats(prior_weight=10)
+    for x in lognormal(rng, 400):
+        s.observe("m", "c", int(x), prompt_tokens=int(rng.integers(10, 4000)))
+    running = [("c", int(g), cap, int(g) + 700) for g in (0, 3, 40, 40, 250, 299, 300, 2000)]
+    s.set_running([("m", running)])
+    band = s.band(700)
+    generated = [r[1] for r in running]
+    for b in (None, band):
+        many = s.remaining_many("m", "c", cap, generated, b)
+        for i, g in enumerate(generated):
+            one = (*s.moments("m", "c", cap, g, band=b),
+                   s.standard_error("m", "c", cap, g, band=b))
+            assert many[:, i] == pytest.approx(one, rel=1e-9, abs=1e-9)
+    # past the cap nothing is left to come
+    if cap is not None:
+        assert many[:, generated.index(300)].tolist() == [0.0, 0.0, 0.0]
+    # the class prior's partial moments are remembered per point, and read the same
+    prior = s._table(("m", "c")).prior
+    xs = np.array([0.0, 1.0, 250.0, 1e4])
+    fresh = np.array([prior.part(x) for x in xs]).T
+    assert prior.parts(xs) == pytest.approx(fresh) and prior.parts(xs) == pytest.approx(fresh)
+
 def test_a_plan_reads_its_snapshots_running_requests_as_censored():
     from qlm.core.plan import GroupView, Snapshot, WorkerView
     from qlm.core.plan_generator import PlanGenerator
@@ -338,6 +364,16 @@ def test_unknown_instance_without_default_profile_is_an_error():
 
 def queue(*sizes, model="m", cls="c", cap=None, prompt=0):
     return [QueuedGroup(model, cls, q, prompt * q, None if cap is None else cap * q) for q in sizes]
+
+
+def test_an_oracle_knows_when_each_running_request_ends():
+    from qlm.core.plan_generator import ExactLengths
+
+    est = estimator(ExactLengths())  # one slot, 20 ms a step
+    for generated in (10, 45):
+        wait = est.estimate("w", queue(1, cap=5), running=[("c", generated, 50)])[0]
+        # (class, generated, max_tokens): the slot frees when the request reaches its cap
+        assert wait.mean == pytest.approx((50 - generated) * 0.020) and wait.std == 0.0
 
 
 def test_later_groups_wait_longer():

@@ -120,6 +120,19 @@ def test_spreads_equal_groups_over_workers():
     assert sorted(map(len, plan.queues.values())) == [4, 4]
 
 
+@pytest.mark.parametrize("n", [2, 12])  # 12: more workers than the plan tries per group
+def test_spreads_equal_groups_over_workers_of_any_fleet(n):
+    ids = [f"w{i}" for i in range(n)]
+    workers = [worker(w) for w in ids[:-1]] + [worker(ids[-1], models=("m", "x"), loaded="x")]
+    snap = Snapshot(now_ms=0, groups=tuple(group(f"g{i}", 100.0) for i in range(1, 2 * n + 1)),
+                    workers=tuple(workers))
+    plan = generator(ids, models=("m", "x"))(snap)
+    # evenly, but none for the one that would have to swap: it is a swap behind the others
+    loads = [len(plan.queues[w]) for w in ids[:-1]]
+    assert sum(loads) == 2 * n and max(loads) - min(loads) <= 1
+    assert plan.queues[ids[-1]] == []
+
+
 def test_groups_of_a_model_nobody_serves_stay_unplaced():
     snap = Snapshot(now_ms=0, groups=(group("g1", 10.0, model="zz"),), workers=(worker("w0"),))
     plan = generator()(snap)

@@ -10,7 +10,9 @@ qlm with step limits for TPOT-bound work (qlm/core/tpot.py), to measure what the
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import os
 import pathlib
 import sys
 import time
@@ -180,35 +182,64 @@ def table(runs: list[dict], policies_: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _simulate(requests, fleet, deadlines, kv_swap_ms, max_group_size, scenario, load,
+              name) -> dict:
+    """One policy at one load (in a worker process when the runs go side by side)."""
+    policy = make_policy(name, fleet, deadlines, kv_swap_ms)
+    result = Simulation(scale_load(requests, load), fleet, policy,
+                        max_group_size=max_group_size, oracle=name == "oracle",
+                        kv_swap_ms=kv_swap_ms).run()
+    return summarize(result, scenario=scenario, load=load, policy=name,
+                     calibration=getattr(policy, "calibration", None))
+
+
+def default_jobs() -> int:
+    """The CPUs this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
 def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], *,
         instances: int | None = None, seed: int = 0, profiles_dir: pathlib.Path = PROFILES,
-        max_group_size: int = 32, limit: int | None = None, progress=True) -> list[dict]:
+        max_group_size: int = 32, limit: int | None = None, progress=True,
+        jobs: int = 1) -> list[dict]:
+    """Every policy at every load, in that order. jobs > 1 runs them side by side in as many
+    processes, the slowest first (the plan generators at the highest loads): each run is
+    independent, and the simulator charges each plan the time it took to compute, so a
+    machine with fewer free CPUs than jobs makes the plan generators' runs a little worse."""
     sc = get_scenario(scenario)
     requests = sc.assign(load_trace(trace)[:limit], seed)
     fleet = load_profiles(sc.instances(instances), profiles_dir)
     kv_swap_ms = load_kv_swap(sc.instances(instances))
     deadlines = {c.name: c.ttft_deadline_s for c in sc.slo_classes.values()}
-    runs = []
-    total = len(loads) * len(policy_names)
+    common = (requests, fleet, deadlines, kv_swap_ms, max_group_size, scenario)
+    tasks = [(load, name) for load in loads for name in policy_names]
+    runs: dict[tuple, dict] = {}
     started = time.monotonic()
-    for load in loads:
-        scaled = scale_load(requests, load)
-        for name in policy_names:
-            if progress:
-                done = len(runs)
-                bar = "#" * (20 * done // total)
-                print(f"\r[{bar:<20}] {done}/{total} load {load:g} {name:<8} "
-                      f"{time.monotonic() - started:6.1f}s", end="", file=sys.stderr, flush=True)
-            policy = make_policy(name, fleet, deadlines, kv_swap_ms)
-            result = Simulation(scaled, fleet, policy, max_group_size=max_group_size,
-                                oracle=name == "oracle", kv_swap_ms=kv_swap_ms).run()
-            calibration = getattr(policy, "calibration", None)
-            runs.append(summarize(result, scenario=scenario, load=load, policy=name,
-                                  calibration=calibration))
+
+    def report(next_task=None) -> None:
+        if progress:
+            what = f" load {next_task[0]:g} {next_task[1]:<8}" if next_task else ""
+            print(f"\r[{'#' * (20 * len(runs) // len(tasks)):<20}] {len(runs)}/{len(tasks)}"
+                  f"{what} {time.monotonic() - started:6.1f}s", end="", file=sys.stderr,
+                  flush=True)
+
+    if jobs <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            report(task)
+            runs[task] = _simulate(*common, *task)
+    else:
+        slowest_first = sorted(tasks, key=lambda t: (t[1] in QLM_NAMES, t[0]), reverse=True)
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(tasks))) as pool:
+            pending = {pool.submit(_simulate, *common, *t): t for t in slowest_first}
+            report()
+            for future in concurrent.futures.as_completed(pending):
+                runs[pending[future]] = future.result()
+                report()
     if progress:
-        print(f"\r[{'#' * 20}] {total}/{total} in {time.monotonic() - started:.1f}s"
+        print(f"\r[{'#' * 20}] {len(tasks)}/{len(tasks)} in {time.monotonic() - started:.1f}s"
               + " " * 20, file=sys.stderr)
-    return runs
+    return [runs[t] for t in tasks]
 
 
 def main(args) -> int:
@@ -223,7 +254,8 @@ def main(args) -> int:
         print("qlm bench sim: --loads must be positive numbers", file=sys.stderr)
         return 2
     runs = run(args.trace, args.scenario, policy_names, loads, instances=args.instances,
-               seed=args.seed, profiles_dir=pathlib.Path(args.profiles), limit=args.limit)
+               seed=args.seed, profiles_dir=pathlib.Path(args.profiles), limit=args.limit,
+               jobs=args.jobs or default_jobs())
     print(f"scenario {args.scenario}, trace {args.trace}, seed {args.seed}")
     print(table(runs, policy_names))
     if args.json:

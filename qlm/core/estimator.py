@@ -169,6 +169,7 @@ class _Segment:
         self.mean = self.var = self.left = self.left_var = 0.0  # left: running ones' remainder
         self.kv = self.kv_var = 0.0  # KV cache its requests hold (mean, variance), tokens
         self.kv_se: dict[Key, float] = {}  # and the error of the learned means, per key
+        self.kv_se_sq = 0.0  # the sum of their squares
         self.se: dict[Key, float] = {}
         # distinct (step, model, class, cap, generated, band) in it, for drain tails: the longest of
         # the last k depends only on which kinds of request are there, not on how many
@@ -186,7 +187,9 @@ class _Segment:
         lm, lv = left or (mean, var)
         self.left, self.left_var = self.left + count * lm, self.left_var + count * lv
         self.kv, self.kv_var = self.kv + count * kv[0], self.kv_var + count * kv[1]
-        self.kv_se[key] = self.kv_se.get(key, 0.0) + count * kv[2]
+        old = self.kv_se.get(key, 0.0)
+        self.kv_se[key] = new = old + count * kv[2]
+        self.kv_se_sq += new * new - old * old
         self.se[key] = self.se.get(key, 0.0) + count * se
         if member not in self.members:
             self.members[member] = None
@@ -206,9 +209,9 @@ class _Segment:
             return ((1.0, 0.0 if m <= 0 else m / self.n / self.batch),)
         m_slot = max(0, self.n - self.slots + 1)
         excess = self.kv + need[0] - self.kv_cap
-        shared = dict(self.kv_se)
-        shared[need[2]] = shared.get(need[2], 0.0) + need[3]
-        sd = math.sqrt(self.kv_var + need[1] + sum(v * v for v in shared.values()))
+        old = self.kv_se.get(need[2], 0.0)
+        shared = self.kv_se_sq - old * old + (old + need[3]) ** 2
+        sd = math.sqrt(max(self.kv_var + need[1] + shared, 0.0))
         p_fit = _N01.cdf(-excess / sd) if sd > 0 else float(excess <= 0)
         m_kv = min(self.n, max(1, math.ceil(excess * self.n / self.kv))) if self.kv else 1
         per = 1 / self.n / self.batch
@@ -299,15 +302,26 @@ class QueueWaits:
         self.base_se: dict[Key, float] = {}
         self.queued = 0
         self._drained = None  # the drain of `seg`, computed once per segment
+        # until the next append: the shared error's terms (see _shared) and, per model, the
+        # base after a change to it (a plan tries many groups at the end of each queue)
+        self._terms = None
+        self._changes: dict = {}
         # identical requests (same class, progress, cap and context) are estimated once
         kinds = Counter((*r[:3], r[3] if len(r) > 3 else None) for r in running)
         if model is None:
             kinds.clear()
-        # a running request's prompt is its context less its output so far
-        left = {r: (ls.band(r[3] - r[1]) if r[3] is not None else None,
-                    *ls.moments(model, r[0], r[2], r[1],
-                                ls.band(r[3] - r[1]) if r[3] is not None else None))
-                for r in kinds}
+        # a running request's prompt is its context less its output so far; the remainders
+        # of the requests of one class, cap and band are computed at once (each has its own
+        # progress, and the tables change every plan)
+        same: dict[tuple, list] = {}
+        for r in kinds:
+            band = ls.band(r[3] - r[1]) if r[3] is not None else None
+            same.setdefault((r[0], r[2], band), []).append(r)
+        left = {}
+        for (cls, cap, band), rs in same.items():
+            for r, rest in zip(rs, ls.remaining_many(model, cls, cap, [r[1] for r in rs],
+                                                     band).T.tolist(), strict=True):
+                left[r] = rest
         # what the batch holds in KV cache: each request its context and the output still to
         # come (the engine reserves it; paged, it grows there). When that is the limit, fewer
         # than max_running fit: a request waits for KV with slots free
@@ -316,27 +330,27 @@ class QueueWaits:
             self.seg = _Segment(1)
         else:
             n = sum(kinds.values())
-            kv = sum(k * (r[3] + left[r][1]) for r, k in kinds.items()) if known and n else 0
+            kv = sum(k * (r[3] + left[r][0]) for r, k in kinds.items()) if known and n else 0
             self.seg = _Segment(tp.batch(worker, model, kv / n if kv else None),
                                 tp.batch(worker, model),
                                 tp.kv_capacity(worker, model) if known else 0.0)
         w = 1 / self.seg.batch
-        for (cls, generated, cap, c), count in kinds.items():
-            band, lm, lv = left[(cls, generated, cap, c)]
-            step = tp.step_s(worker, model, self.seg.batch)
+        step = tp.step_s(worker, model, self.seg.batch) if model is not None else 0.0
+        for (cls, cap, band), rs in same.items():
             m, v = ls.moments(model, cls, cap, band=band)
             se = ls.standard_error(model, cls, cap, band=band)
-            mix = (w * lm + (1 - w) * m) * step, (w * lv + (1 - w) * m * m) * step**2
-            self.seg.add(
-                (model, cls),
-                count,
-                *mix,
-                se * step,
-                (step, model, cls, cap, generated, band),
-                (lm * step, lv * step**2),
-                ((c + lm, lv, ls.standard_error(model, cls, cap, generated, band))
-                 if self.seg.kv_cap else (0.0, 0.0, 0.0)),
-            )
+            for r in rs:
+                lm, lv, lse = left[r]
+                self.seg.add(
+                    (model, cls),
+                    kinds[r],
+                    (w * lm + (1 - w) * m) * step,
+                    (w * lv + (1 - w) * m * m) * step**2,
+                    se * step,
+                    (step, model, cls, cap, r[1], band),
+                    (lm * step, lv * step**2),
+                    (r[3] + lm, lv, lse) if self.seg.kv_cap else (0.0, 0.0, 0.0),
+                )
 
     def _drain(self):
         if self._drained is None:
@@ -353,11 +367,29 @@ class QueueWaits:
         return (self.base_mean + d_mean, self.base_var + d_var, se,
                 self.swaps + self.cold_s.get(model, self.swap_s))
 
+    @staticmethod
+    def _shared(base_se, seg_se) -> tuple[float, float, float]:
+        """The learned means' errors are shared by every request of a key, so a wait that
+        starts after a share f of the segment's work is off by sum over keys of
+        (base_k + f * seg_k)^2 = bb + f * bs + f^2 * ss: the three terms, (bb, bs, ss)."""
+        bb = bs = ss = 0.0
+        for k, b in base_se.items():
+            bb += b * b
+            bs += 2 * b * seg_se.get(k, 0.0)
+        for v in seg_se.values():
+            ss += v * v
+        return bb, bs, ss
+
     def next_wait(self, g) -> WaitEstimate:
         if g.model != self.loaded:
-            base_mean, base_var, base_se, swaps = self._after_change(g.model)
-            return self._wait(base_mean, base_var, base_se, swaps, _Segment(1), ((1.0, 0.0),))
-        return self._wait(self.base_mean, self.base_var, self.base_se, self.swaps, self.seg,
+            if g.model not in self._changes:
+                base_mean, base_var, base_se, swaps = self._after_change(g.model)
+                self._changes[g.model] = (base_mean, base_var, self._shared(base_se, {}), swaps)
+            base_mean, base_var, terms, swaps = self._changes[g.model]
+            return self._wait(base_mean, base_var, terms, swaps, _Segment(1), ((1.0, 0.0),))
+        if self._terms is None:
+            self._terms = self._shared(self.base_se, self.seg.se)
+        return self._wait(self.base_mean, self.base_var, self._terms, self.swaps, self.seg,
                           self.seg.slot_frac(self._kv_need(g)))
 
     def _kv_need(self, g) -> tuple | None:
@@ -365,31 +397,34 @@ class QueueWaits:
         output."""
         if not self.seg.kv_cap:
             return None
+        _, _, m, v, se = self._work(g)
+        return g.prompt_tokens / max(g.queued, 1) + m, v, (g.model, g.slo_class), se
+
+    def _work(self, g) -> tuple:
+        """(cap, band, mean, variance, se) of the output of one request of g: the average of
+        their caps stands for each; asked for once per group and plan, not per queue tried."""
+        return self.est.lengths.cached(("group", g), lambda: self._work_of(g))
+
+    def _work_of(self, g) -> tuple:
         q, ls = max(g.queued, 1), self.est.lengths
         cap, band = g.max_tokens / q if g.max_tokens else None, group_band(ls, g)
-        m, v = ls.moments(g.model, g.slo_class, cap, band=band)
-        return (g.prompt_tokens / q + m, v, (g.model, g.slo_class),
+        return (cap, band, *ls.moments(g.model, g.slo_class, cap, band=band),
                 ls.standard_error(g.model, g.slo_class, cap, band=band))
 
-    def _wait(self, base_mean, base_var, base_se, swaps, seg, cases) -> WaitEstimate:
+    def _wait(self, base_mean, base_var, terms, swaps, seg, cases) -> WaitEstimate:
         """The wait given when g starts (`cases`, see slot_frac); several cases make a mixture,
-        given by its mean and variance."""
+        given by its mean and variance. terms: the shared error's (see _shared)."""
+        bb, bs, ss = terms
         if len(cases) == 1:  # the common case, in a planner's inner loop
             f = cases[0][1]
-            shared = sum(
-                (base_se.get(k, 0.0) + f * seg.se.get(k, 0.0)) ** 2
-                for k in base_se.keys() | seg.se.keys()
-            )
+            shared = bb + f * bs + f * f * ss
             fixed = swaps + (seg.prefill if f or self.chunked else 0.0)
             return WaitEstimate(base_mean + fixed + f * seg.mean,
                                 math.sqrt(base_var + f * seg.var / seg.batch + shared),
                                 fixed, self.est.tail)
         mean = second = 0.0
         for p, f in cases:
-            shared = sum(
-                (base_se.get(k, 0.0) + f * seg.se.get(k, 0.0)) ** 2
-                for k in base_se.keys() | seg.se.keys()
-            )
+            shared = bb + f * bs + f * f * ss
             m = (seg.prefill if f or self.chunked else 0.0) + f * seg.mean
             mean += p * m
             second += p * (f * seg.var / seg.batch + shared + m * m)
@@ -403,24 +438,22 @@ class QueueWaits:
         )
 
     def append(self, g) -> None:
-        tp, ls = self.est.throughput, self.est.lengths
+        tp = self.est.throughput
         if g.model != self.loaded:  # drain everything ahead, then swap
             self.base_mean, self.base_var, self.base_se, self.swaps = self._after_change(g.model)
             self.cold_s.pop(g.model, None)
             self.loaded, self.seg = g.model, _Segment(
                 tp.batch(self.worker, g.model), None, tp.kv_capacity(self.worker, g.model))
-        self._drained = None
+        self._drained, self._terms = None, None
+        self._changes.clear()
         q = max(g.queued, 0)
         if q == 0:
             return
         self.queued += q
         seg, worker = self.seg, self.worker
-        cap = g.max_tokens / q if g.max_tokens else None  # the average cap stands for each
-        band = group_band(ls, g)
-        m, v = ls.moments(g.model, g.slo_class, cap, band=band)
+        cap, band, m, v, se = self._work(g)
         b = tp.batch(worker, g.model, g.prompt_tokens / q + (cap or m))
         seg.batch, step = min(seg.batch, b), tp.step_s(worker, g.model, b)
-        se = ls.standard_error(g.model, g.slo_class, cap, band=band)
         seg.add(
             (g.model, g.slo_class),
             q,

@@ -50,6 +50,7 @@ class _LogNormal:
         self.total = np.array([math.exp(k * mu + k * k * sigma**2 / 2) for k in range(3)])
         self._terms = tuple(zip(self.total.tolist(), (k * sigma / math.sqrt(2) for k in range(3)),
                                 strict=True))
+        self._known: dict[float, list] = {}
 
     def part(self, x: float) -> tuple[float, ...]:
         if x <= 0:
@@ -60,11 +61,19 @@ class _LogNormal:
         return tuple(t * 0.5 * math.erfc(shift - z) for t, shift in self._terms)
 
     def parts(self, xs) -> np.ndarray:
-        """Shape (3, len(xs)): part(x) for each x."""
-        xs = np.asarray(xs, dtype=float)
-        z = np.full(len(xs), -np.inf)
-        z[xs > 0] = (np.log(xs[xs > 0]) - self.mu) / (self.sigma * math.sqrt(2))
-        return np.array([t * 0.5 * _erfc(shift - z).astype(float) for t, shift in self._terms])
+        """Shape (3, len(xs)): part(x) for each x. Remembered per x: a class's prior is fixed,
+        and its table is rebuilt every plan at much the same points (outputs so far)."""
+        known = self._known
+        new = [x for x in dict.fromkeys(xs) if x not in known]
+        if new:
+            if len(known) > 65536:
+                known.clear()
+            xa = np.asarray(new, dtype=float)
+            z = np.full(len(xa), -np.inf)
+            z[xa > 0] = (np.log(xa[xa > 0]) - self.mu) / (self.sigma * math.sqrt(2))
+            cols = np.array([t * 0.5 * _erfc(shift - z).astype(float) for t, shift in self._terms])
+            known.update(zip(new, cols.T.tolist(), strict=True))
+        return np.array([known[x] for x in xs], dtype=float).reshape(-1, 3).T
 
     def inverse(self, u: float) -> float:
         return math.exp(self.mu + self.sigma * _N01.inv_cdf(min(max(u, 1e-12), 1 - 1e-12)))
@@ -99,7 +108,7 @@ class _Table:
 
     def __init__(self, window: _Window, prior, weight: float, censored: Counter, kappa: float):
         s, self.prior, self.drift = window.s, prior, window.drift
-        self.s, self.sums, self.memo, self._parts, self._cw = s, window.sums, {}, {}, None
+        self.s, self.sums, self._parts, self._cw = s, window.sums, {}, None
         self.b = np.array(sorted(censored), dtype=float)
         at = np.array([censored[g] for g in sorted(censored)], dtype=float)
         pe = prior.parts(self.b)
@@ -225,9 +234,13 @@ class OutputLengthStats:
         self._seen: Counter = Counter()  # completions ever, per key
         # the running requests' output so far, per key: tokens -> requests
         self._censored: dict[tuple, Counter] = {}
+        self._running_at = -math.inf  # when the running set was last taken
         self._sorted: dict[tuple, _Table] = {}
         self._windows: dict[tuple, _Window] = {}
         self._bands: dict[Key, set[tuple]] = {}
+        # answers, until any table changes: a planner asks the same ones many times, and each
+        # plan's running set changes some table anyway
+        self._answers: dict[tuple, object] = {}
 
     @staticmethod
     def band(prompt_tokens: float | None) -> int | None:
@@ -247,12 +260,22 @@ class OutputLengthStats:
             self._windows.pop(k, None)
         self._invalidate(key)
 
-    def set_running(self, batches) -> None:
+    # seconds a running set stands for the next ones (see set_running)
+    RUNNING_REFRESH_S = 1.0
+
+    def set_running(self, batches, now_s: float | None = None) -> None:
         """The requests started and not finished now: (model, running) per instance, running
         as WaitingTimeEstimator.estimate takes it, (slo_class, generated, max_tokens[,
         context_tokens]) per request. Each is a censored observation of its class (and of its
         prompt's band where the context is known): L > generated. Replaces the previous set;
-        a planner passes its snapshot's before it plans."""
+        a planner passes its snapshot's before it plans. With now_s, a set taken less than
+        RUNNING_REFRESH_S earlier stands: every step moves every running request, so a new set
+        rebuilds every table, while a second's progress barely moves the estimates (on the
+        modern scenario, rebuilding every plan took more of a plan's time than the rest)."""
+        if now_s is not None:
+            if now_s - self._running_at < self.RUNNING_REFRESH_S:
+                return
+            self._running_at = now_s
         censored: dict[tuple, Counter] = {}
         for model, running in batches:
             for r, count in Counter(running).items():  # a batch has few kinds of request
@@ -267,6 +290,7 @@ class OutputLengthStats:
 
     def _invalidate(self, key: tuple) -> None:
         """Forget a key's table; a class's bands too: the class is their prior."""
+        self._answers.clear()
         self._sorted.pop(key, None)
         for k in self._bands.get(key, ()) if len(key) == 2 else ():
             self._sorted.pop(k, None)
@@ -319,14 +343,15 @@ class OutputLengthStats:
         mean = raw.mean()
         return math.sqrt(between) / mean if between > 0 and mean > 0 else 0.0
 
-    def _memo(self, key: tuple, args: tuple, compute):
-        """Answers are cached until the key's table changes: a planner asks many times."""
-        memo = self._table(key).memo
-        if args not in memo:
-            if len(memo) > 4096:
-                memo.clear()
-            memo[args] = compute(*args)
-        return memo[args]
+    def cached(self, args: tuple, compute):
+        """compute() for these args, remembered until any table changes (args must say
+        everything the answer depends on besides the tables)."""
+        answer = self._answers.get(args)
+        if answer is None:
+            if len(self._answers) > 65536:
+                self._answers.clear()
+            answer = self._answers[args] = compute()
+        return answer
 
     def moments(self, model, slo_class, cap=None, generated=0, band=None) -> tuple[float, float]:
         """Mean and variance of the tokens still to come, min(L, cap) - generated, for a request
@@ -341,8 +366,35 @@ class OutputLengthStats:
         return self._moments_se(model, slo_class, cap, generated, band)[2]
 
     def _moments_se(self, model, slo_class, cap, generated, band) -> tuple[float, float, float]:
+        return self.cached(("m", model, slo_class, cap, generated, band), lambda: self._compute(
+            self._key(model, slo_class, band), cap, generated))
+
+    def remaining_many(self, model, slo_class, cap, generated, band=None) -> np.ndarray:
+        """(mean, variance, standard error) of the tokens still to come for requests of one
+        class and cap that have produced `generated` (a sequence) tokens: the moments() and
+        standard_error() of each, at once (a batch has a request of each progress, and its
+        tables change every plan). Shape (3, len(generated))."""
         key = self._key(model, slo_class, band)
-        return self._memo(key, ("m", cap, generated), lambda _, c, g: self._compute(key, c, g))
+        c, g = (math.inf if cap is None else float(cap)), np.asarray(generated, dtype=float)
+        t = self._table(key)
+        drift = t.drift if t.drift is not None or len(key) == 2 else self._table(key[:2]).drift
+        (dg, pg), (dc, pc), (dt, pt) = t.parts(g), t.part(c), t.totals
+        cut = 0.0 if math.isinf(c) else c
+        data = [dc[k] - dg[k] + cut**k * (dt[0] - dc[0]) for k in (1, 2)]
+        prior = [pc[k] - pg[k] + cut**k * (pt[0] - pc[0]) for k in (1, 2)]
+        w, n, p_above = self.prior_weight, dt[0] - dg[0], pt[0] - pg[0]
+        mass = w * p_above + n
+        ok = (mass > 1e-12) & (g < c)
+        mass = np.where(ok, mass, 1.0)
+        m1, m2 = ((w * p + d) / mass for p, d in zip(prior, data, strict=True))
+        var = np.maximum(m2 - m1 * m1, 0.0)
+        both = ok & (n > 0) & (p_above > 0)
+        pull = np.zeros(len(g))
+        pull[both] = (w * p_above[both] / mass[both]
+                      * (prior[0][both] / p_above[both] - data[0][both] / n[both]))
+        shift = (drift or 0.0) * (m1 - g)
+        se = np.sqrt(var / mass + pull * pull + shift * shift)
+        return np.where(ok, np.array([m1 - g, var, se]), 0.0)
 
     def _compute(self, key: tuple, cap, generated) -> tuple[float, float, float]:
         c, g = (math.inf if cap is None else float(cap)), float(generated)
@@ -377,8 +429,8 @@ class OutputLengthStats:
         mass above `generated` outweighs the prior's pseudo-observations there, else from
         the prior (a band's: its class's). Each side's mass includes what the running
         requests lift onto it; the two are not blended (a drain asks for many quantiles)."""
-        key = self._key(model, slo_class, band)
-        return self._memo(key, (q, cap, generated), lambda *a: self._quantile(key, *a))
+        return self.cached((q, model, slo_class, cap, generated, band), lambda: self._quantile(
+            self._key(model, slo_class, band), q, cap, generated))
 
     def _quantile(self, key: tuple, q: float, cap, generated) -> float:
         t, g = self._table(key), float(generated)

@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable, Mapping
 from statistics import NormalDist
 
+import numpy as np
+
 from .estimator import (
     Calibration,
     InstanceThroughput,
@@ -66,16 +68,26 @@ class ExactLengths(OutputLengthStats):
             return super().quantile(model, slo_class, q, cap, generated, band)
         return max(float(cap) - generated, 0.0)
 
+    def remaining_many(self, model, slo_class, cap, generated, band=None):
+        if cap is None:
+            return super().remaining_many(model, slo_class, cap, generated, band)
+        left = np.maximum(float(cap) - np.asarray(generated, dtype=float), 0.0)
+        return np.array([left, np.zeros(len(left)), np.zeros(len(left))])
+
 
 class _LeastLoaded:
     """Workers by a load key, per model they can serve and per model at their queue's tail,
     with lazy updates: the plan generator tries only the few least loaded workers of each
     kind for a group instead of all of them (O(log W) per group, not O(W))."""
 
-    def __init__(self, workers, load: Callable[[str], float]):
+    def __init__(self, workers, load: Callable[[str], float], k: int):
         self.load = load
         self.version = {w.id: 0 for w in workers}
         self.models = {w.id: w.models for w in workers}
+        self.k, self.small = k, len(self.models) <= 2 * k
+        # every model some worker can serve, in the workers' order, and who can serve it
+        self.served = list(dict.fromkeys(m for ms in self.models.values() for m in ms))
+        self.can = {m: [w for w, ms in self.models.items() if m in ms] for m in self.served}
         self.by_model: dict[str, list] = {}
         self.by_tail: dict[str, list] = {}
         self.tail: dict[str, str] = {}
@@ -85,20 +97,22 @@ class _LeastLoaded:
     def update(self, wid: str, tail_model: str) -> None:
         self.version[wid] += 1
         self.tail[wid] = tail_model
+        if self.small:  # least() tries every worker: no need to know their loads
+            return
         entry = (self.load(wid), wid, self.version[wid])
         for m in self.models[wid]:
             heapq.heappush(self.by_model.setdefault(m, []), entry)
         heapq.heappush(self.by_tail.setdefault(tail_model, []), entry)
 
-    def least(self, model: str, k: int) -> list[str]:
+    def least(self, model: str) -> list[str]:
         """Up to k least loaded workers that can serve `model`, and up to k of those whose
         queue ends with it (no swap)."""
-        if len(self.models) <= 2 * k:  # a small fleet: try every worker
-            return [w for w, ms in self.models.items() if model in ms]
+        if self.small:  # a small fleet: try every worker
+            return self.can.get(model, [])
         out: list[str] = []
         for heap in (self.by_model.get(model, []), self.by_tail.get(model, [])):
             kept = []
-            while heap and len(kept) < k:
+            while heap and len(kept) < self.k:
                 entry = heapq.heappop(heap)
                 _, wid, version = entry
                 if version != self.version[wid] or model not in self.models[wid]:
@@ -230,8 +244,8 @@ class PlanGenerator:
             plan.step_limits = step_limits(snapshot, self._throughput)
             self.estimator.throughput = CappedThroughput(self._throughput, plan.step_limits)
         # the running requests are censored observations of the output lengths (L > generated)
-        self.lengths.set_running((w.loaded, self._running(w)) for w in snapshot.workers
-                                 if w.loaded)
+        self.lengths.set_running(((w.loaded, self._running(w)) for w in snapshot.workers
+                                  if w.loaded), now_s)
         waits = {
             w.id: self.estimator.queue(
                 w.id, w.loaded or None, self._running(w), self.swap_s(w.id), self.ready_s(w),
@@ -241,7 +255,8 @@ class PlanGenerator:
         tail_model = {w.id: w.loaded for w in snapshot.workers}
         # a worker's load: when a small group of its tail model would start there
         least = _LeastLoaded(snapshot.workers, lambda wid: waits[wid].next_wait(
-            QueuedGroup(tail_model[wid], "", 1)).mean if tail_model[wid] else 0.0)
+            QueuedGroup(tail_model[wid], "", 1)).mean if tail_model[wid] else 0.0,
+            self.candidates)
 
         late: list[GroupView] = []
         ordered = sorted(snapshot.groups, key=lambda g: (g.deadline_ms, g.sequence))
@@ -252,7 +267,7 @@ class PlanGenerator:
         for i, g in enumerate(ordered):
             while admit and g.deadline_ms > admit[-1][0]:
                 self._admission(plan, admit.pop()[1], waits, least)
-            candidates = least.least(g.model, self.candidates)
+            candidates = least.least(g.model)
             if not candidates:
                 plan.unplaced.append(g.id)
                 continue
@@ -277,16 +292,16 @@ class PlanGenerator:
         for g in late:  # after everything that can still meet its deadline
             queued = self._queued(g)
             options = [(waits[w].next_wait(queued), w)
-                       for w in least.least(g.model, self.candidates)]
+                       for w in least.least(g.model)]
             estimate, wid = min(options, key=lambda o: (o[0].quantile(self.z), o[1]))
             self._place(plan, waits, tail_model, wid, g, queued, estimate, now_s)
             least.update(wid, g.model)
         if self.max_evictions > 0 and snapshot.slo_classes:
             self._plan_evictions(snapshot, plan, waits, now_s)
         plan.warm_starts = warm_starts(snapshot, plan.queues)
-        for model in least.by_model:
+        for model in least.served:
             options = [waits[w].next_wait(QueuedGroup(model, "", 1)).quantile(self.z)
-                       for w in least.least(model, self.candidates)]
+                       for w in least.least(model)]
             if options:
                 plan.admission_s[model] = min(options)
         return plan
@@ -298,9 +313,9 @@ class PlanGenerator:
 
     def _admission(self, plan: Plan, slo_class: str, waits, least: _LeastLoaded) -> None:
         """The wait of a request of `slo_class` for each model, were it placed now."""
-        for model in least.by_model:
+        for model in least.served:
             options = [waits[w].next_wait(QueuedGroup(model, slo_class, 1)).quantile(self.z)
-                       for w in least.least(model, self.candidates)]
+                       for w in least.least(model)]
             if options:
                 plan.admission_by_class_s.setdefault(model, {})[slo_class] = min(options)
 
