@@ -34,17 +34,13 @@ def test_fcfs_serves_in_arrival_order_regardless_of_deadline():
     assert plan == Plan(queues={"w0": ["g1", "g2", "g3"]}, unplaced=[], policy="fcfs")
 
 
-def test_fcfs_deals_round_robin_by_arrival_over_sorted_workers():
+def test_fcfs_deals_round_robin_per_model_over_sorted_workers():
     groups = [g("g1"), g("g2", model="n"), g("g3"), g("g4"), g("g5", model="n"), g("g6")]
     workers = [w("wb", "m"), w("wc", "n", "m"), w("wa", "m")]  # order given does not matter
     plan = policies.fcfs(snap(groups, workers))
-    # m: wa, wb, wc by sequence number (g1 is the second); n is served by wc alone
-    assert plan.queues == {"wb": ["g1", "g4"], "wc": ["g2", "g5"], "wa": ["g3", "g6"]}
+    # m: wa, wb, wc, wa ...; n has its own turn: wc, wc
+    assert plan.queues == {"wb": ["g3"], "wc": ["g2", "g4", "g5"], "wa": ["g1", "g6"]}
     assert plan.unplaced == []
-    # a queued group keeps its worker when the groups ahead of it have started (vLLM's
-    # router sends a request once)
-    later = policies.fcfs(snap([x for x in groups if x.id not in ("g1", "g3")], workers))
-    assert later.queues == {"wb": ["g4"], "wc": ["g2", "g5"], "wa": ["g6"]}
 
 
 def test_fcfs_leaves_unserved_models_unplaced():
@@ -62,7 +58,7 @@ def test_fcfs_is_pure_and_deterministic():
     first = policies.fcfs(s)
     assert policies.fcfs(s) == first
     assert s == before
-    assert first.queues == {"w0": ["g2", "g3"], "w1": ["g1"]}
+    assert first.queues == {"w0": ["g1", "g3"], "w1": ["g2"]}
 
 
 # --- edf -----------------------------------------------------------------------------------

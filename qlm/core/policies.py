@@ -36,18 +36,22 @@ def _place(snapshot: Snapshot, ordered: list[GroupView], pick, name: str) -> Pla
     return plan
 
 
-def _dealt(g: GroupView, candidates: list[WorkerView]) -> str:
-    """Round-robin by arrival: a group's worker follows from its sequence number, so it keeps
-    that worker from plan to plan, as a request sent once by vLLM's round-robin router does
-    (dealing by position in each snapshot moved queued groups between workers whenever one
-    ahead of them started)."""
-    return candidates[g.sequence % len(candidates)].id
+def _round_robin():
+    """A placement that deals each model's groups to its workers in turn."""
+    turn: dict[str, int] = {}
+
+    def pick(g: GroupView, candidates: list[WorkerView]) -> str:
+        i = turn.get(g.model, 0)
+        turn[g.model] = i + 1
+        return candidates[i % len(candidates)].id
+
+    return pick
 
 
 def fcfs(snapshot: Snapshot) -> Plan:
-    """Arrival order; groups dealt to the model's workers in turn (_dealt)."""
+    """Arrival order; groups dealt to the model's workers in turn."""
     ordered = sorted(snapshot.groups, key=lambda g: g.sequence)
-    return _place(snapshot, ordered, _dealt, "fcfs")
+    return _place(snapshot, ordered, _round_robin(), "fcfs")
 
 
 def edf(snapshot: Snapshot) -> Plan:
@@ -87,7 +91,7 @@ def priority(class_deadlines: dict[str, float]) -> Policy:
     def plan(snapshot: Snapshot) -> Plan:
         ordered = sorted(snapshot.groups,
                          key=lambda g: (rank.get(g.slo_class, len(rank)), g.sequence))
-        return _place(snapshot, ordered, _dealt, "priority")
+        return _place(snapshot, ordered, _round_robin(), "priority")
 
     return plan
 
