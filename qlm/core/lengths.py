@@ -366,8 +366,8 @@ class OutputLengthStats:
         return self._moments_se(model, slo_class, cap, generated, band)[2]
 
     def _moments_se(self, model, slo_class, cap, generated, band) -> tuple[float, float, float]:
-        return self.cached(("m", model, slo_class, cap, generated, band), lambda: self._compute(
-            self._key(model, slo_class, band), cap, generated))
+        return self.cached(("m", model, slo_class, cap, generated, band), lambda: tuple(
+            self.remaining_many(model, slo_class, cap, (generated,), band)[:, 0].tolist()))
 
     def remaining_many(self, model, slo_class, cap, generated, band=None) -> np.ndarray:
         """(mean, variance, standard error) of the tokens still to come for requests of one
@@ -380,6 +380,7 @@ class OutputLengthStats:
         drift = t.drift if t.drift is not None or len(key) == 2 else self._table(key[:2]).drift
         (dg, pg), (dc, pc), (dt, pt) = t.parts(g), t.part(c), t.totals
         cut = 0.0 if math.isinf(c) else c
+        # E[min(L, c)^k; L > g], k = 1, 2, of the completions and of the prior (weight 1)
         data = [dc[k] - dg[k] + cut**k * (dt[0] - dc[0]) for k in (1, 2)]
         prior = [pc[k] - pg[k] + cut**k * (pt[0] - pc[0]) for k in (1, 2)]
         w, n, p_above = self.prior_weight, dt[0] - dg[0], pt[0] - pg[0]
@@ -395,28 +396,6 @@ class OutputLengthStats:
         shift = (drift or 0.0) * (m1 - g)
         se = np.sqrt(var / mass + pull * pull + shift * shift)
         return np.where(ok, np.array([m1 - g, var, se]), 0.0)
-
-    def _compute(self, key: tuple, cap, generated) -> tuple[float, float, float]:
-        c, g = (math.inf if cap is None else float(cap)), float(generated)
-        t = self._table(key)
-        drift = t.drift if t.drift is not None or len(key) == 2 else self._table(key[:2]).drift
-        if c <= g:
-            return 0.0, 0.0, 0.0
-        (dg, pg), (dc, pc), (dt, pt) = t.part(g), t.part(c), t.totals
-        cut = 0.0 if math.isinf(c) else c
-        # E[min(L, c)^k; L > g], k = 1, 2, of the completions and of the prior (weight 1)
-        data = [dc[k] - dg[k] + cut**k * (dt[0] - dc[0]) for k in (1, 2)]
-        prior = [pc[k] - pg[k] + cut**k * (pt[0] - pc[0]) for k in (1, 2)]
-        w, n, p_above = self.prior_weight, dt[0] - dg[0], pt[0] - pg[0]
-        mass = w * p_above + n
-        if mass <= 1e-12:
-            return 0.0, 0.0, 0.0
-        m1, m2 = ((w * p + d) / mass for p, d in zip(prior, data, strict=True))
-        var = max(m2 - m1 * m1, 0.0)
-        pull = (w * p_above / mass * (prior[0] / p_above - data[0] / n)
-                if n > 0 and p_above > 0 else 0.0)
-        shift = (drift or 0.0) * (m1 - g)
-        return float(m1 - g), float(var), math.sqrt(var / mass + pull * pull + shift * shift)
 
     def mean(self, model: str, slo_class: str, cap: int | None = None, band=None) -> float:
         return self.moments(model, slo_class, cap, band=band)[0]
