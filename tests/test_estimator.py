@@ -302,6 +302,15 @@ def test_remainders_of_a_batch_at_once_are_those_of_the_completions(cap):
         want = (rest.mean(), rest.var(), math.sqrt(rest.var() / len(above)))
         assert many[:, i] == pytest.approx(want, rel=1e-9)
         assert s.moments("m", "c", cap, g) == pytest.approx(want[:2], rel=1e-9)
+    # and the chance each ends within k more tokens
+    for k in (1, 25, 400):
+        ends = s.done_within("m", "c", cap, generated, k)
+        for i, g in enumerate(generated):
+            above = lengths[lengths > g]
+            if cap is not None and g + k >= cap or not len(above):
+                assert ends[i] == 1.0
+            else:
+                assert ends[i] == pytest.approx((above <= g + k).mean(), rel=1e-9)
     # the class prior's partial moments are remembered per point, and read the same
     prior = s._table(("m", "c")).prior
     xs = np.array([0.0, 1.0, 250.0, 1e4])
@@ -432,6 +441,23 @@ def test_a_batch_that_holds_the_kv_cache_makes_a_request_wait_with_slots_free():
     # without the contexts the estimator cannot tell, and takes the slots as the limit
     blind = est.estimate("w", queue(1, prompt=1000), running=[("c", 10, None)] * 4)[0]
     assert blind.quantile(Z95) == 0.0
+
+
+def test_a_request_ending_before_the_plan_is_in_force_frees_its_kv_for_the_next():
+    from qlm.core.plan_generator import ExactLengths
+
+    # 4 running, each with 1,000 tokens of context, holding 5,473 of a 6,000-token cache with
+    # what they will still produce: a 1,000-token prompt does not fit. One of them ends at
+    # its cap 3 tokens (steps) from now. If the plan's work can start at the end of the step
+    # under way, the group waits for that completion; if only 3 steps from now (ready_s: the
+    # plan's own compute time), it fits then, and waits for nothing more
+    est = estimator(ExactLengths(), Profile(max_running=8, decode_step_ms=10,
+                                            kv_capacity_tokens=6000))
+    running = [("c", 10, 13, 1000)] + [("c", 10, 500, 1000)] * 3  # (class, out, cap, context)
+    group = QueuedGroup("m", "c", 1, 1000, 5)
+    soon, later = (est.queue("w", "m", running, ready_s=r).next_wait(group) for r in (0.01, 0.03))
+    assert soon.mean > 0.01  # waits for the completion
+    assert later.mean == pytest.approx(0.03) and later.std == 0.0
 
 
 def test_a_request_that_may_not_fit_waits_in_a_mixture():

@@ -207,14 +207,19 @@ async def test_killed_worker_request_completes_on_another_with_same_tokens(tmp_p
     try:
         await w1.wait_healthy(w1_address, timeout_s=300)
         prompt_ids = pool.tokenize("small", PROMPT)
-        expected = await direct(pool, prompt_ids, 200)
+        # long enough that w1 is still generating when the client has read a few tokens,
+        # even on a busy machine (with 200, a client lagging 2 s behind once saw it finish)
+        expected = await direct(pool, prompt_ids, 600)
         call = stack.router().Generate(router_pb2.GenerateRequest(
-            model="small", prompt_token_ids=prompt_ids, max_tokens=200,
+            model="small", prompt_token_ids=prompt_ids, max_tokens=600,
             sampling=router_pb2.SamplingParams(temperature=0.0, ignore_eos=True)))
         messages = [await call.read()]
         while sum(len(m.token_ids) for m in messages) < 5:
             messages.append(await call.read())
         w1.kill()
+        running = await stack.router().GetRequest(
+            router_pb2.GetRequestRequest(request_id=messages[0].request_id))
+        assert running.state != router_pb2.REQUEST_STATE_FINISHED, "finished before the kill"
         # its engine core went with it (an orphan holds ~2 GB here, a GPU's memory there);
         # killed processes take a moment to exit
         for _ in range(100):

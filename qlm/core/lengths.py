@@ -403,6 +403,22 @@ class OutputLengthStats:
     def variance(self, model: str, slo_class: str, cap: int | None = None, band=None) -> float:
         return self.moments(model, slo_class, cap, band=band)[1]
 
+    def done_within(self, model, slo_class, cap, generated, more: float, band=None) -> np.ndarray:
+        """P(a request that has produced `generated` tokens ends within `more` tokens), for
+        requests of one class and cap (generated: a sequence)."""
+        key = self._key(model, slo_class, band)
+        t, w = self._table(key), self.prior_weight
+        g = np.asarray(generated, dtype=float)
+        end = g + more if cap is None else np.minimum(g + more, float(cap))
+        (dg, pg), (de, pe) = t.parts(g), t.parts(end)
+        below = w * pg[0] + dg[0]
+        above = w * t.totals[1][0] + t.totals[0][0] - below
+        p = np.divide(w * pe[0] + de[0] - below, above, out=np.ones(len(g)),
+                      where=above > 1e-12)
+        if cap is not None:
+            p[end >= float(cap)] = 1.0
+        return np.clip(p, 0.0, 1.0)
+
     def quantile(self, model, slo_class, q: float, cap=None, generated=0, band=None) -> float:
         """q-quantile of min(L, cap) - generated given L > generated: from the window once its
         mass above `generated` outweighs the prior's pseudo-observations there, else from

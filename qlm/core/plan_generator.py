@@ -68,6 +68,11 @@ class ExactLengths(OutputLengthStats):
             return super().quantile(model, slo_class, q, cap, generated, band)
         return max(float(cap) - generated, 0.0)
 
+    def done_within(self, model, slo_class, cap, generated, more, band=None):
+        if cap is None:
+            return super().done_within(model, slo_class, cap, generated, more, band)
+        return (float(cap) - np.asarray(generated, dtype=float) <= more).astype(float)
+
     def remaining_many(self, model, slo_class, cap, generated, band=None):
         if cap is None:
             return super().remaining_many(model, slo_class, cap, generated, band)
