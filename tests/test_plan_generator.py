@@ -208,3 +208,60 @@ def test_admission_per_class_defaults_to_the_snapshot_classes():
     snap = Snapshot(now_ms=0, groups=(), workers=(worker("w0"),),
                     slo_classes={"interactive": SloView(20.0), "batch": SloView(60.0)})
     assert generator()(snap).admission_by_class_s == {"m": {"interactive": 0.0, "batch": 0.0}}
+
+
+def merge_snapshot(g2_due_s=700.0, tight_s=600.0, head=True, g2_class="c") -> Snapshot:
+    """w0 serves "a" (groups of 4 x 100 tokens: 1 s each; a swap takes 30 s). Deadline order
+    gives a, b, a: g3, due in an hour, would need a swap back to "a" of its own."""
+    g2 = dataclasses.replace(group("g2", g2_due_s, model="b"), slo_class=g2_class)
+    groups = (group("g1", 20.0, model="a"), g2, group("g3", 3600.0, model="a"))
+    return Snapshot(now_ms=0, groups=groups if head else groups[1:],
+                    workers=(worker("w0", ("a", "b"), loaded="a"),),
+                    slo_classes={"c": SloView(3600.0), "tight": SloView(tight_s)})
+
+
+def test_a_later_group_of_the_model_being_served_joins_its_segment():
+    gen = generator(models=("a", "b"))
+    assert gen(merge_snapshot()).queues["w0"] == ["g1", "g3", "g2"]  # one swap, not two
+    # the estimate the plan stands by for the group passed counts the work put before it
+    assert gen._latest["g2"][0].mean == pytest.approx(32.0, abs=0.1)
+    gen.max_merges = 0
+    assert gen(merge_snapshot()).queues["w0"] == ["g1", "g2", "g3"]
+
+
+def test_a_group_joins_the_segment_only_if_those_it_passes_keep_their_deadlines():
+    # g2 starts at 31 s behind g1 and the swap; g3's second of work first would make it late
+    gen = generator(models=("a", "b"))
+    assert gen(merge_snapshot(g2_due_s=31.5)).queues["w0"] == ["g1", "g2", "g3"]
+    assert gen(merge_snapshot(g2_due_s=32.5)).queues["w0"] == ["g1", "g3", "g2"]
+
+
+def test_no_group_joins_the_segment_while_tight_work_arriving_now_would_be_late():
+    # a request of the 30.5 s class arriving now for "b" would start at 31 s: w0 has no room
+    # for tight work, so nothing is moved ahead of what it will have to serve
+    gen = generator(models=("a", "b"))
+    assert gen(merge_snapshot(tight_s=30.5)).queues["w0"] == ["g1", "g2", "g3"]
+    assert gen(merge_snapshot(tight_s=31.5)).queues["w0"] == ["g1", "g3", "g2"]
+    # unless another worker has room for it: w1 serves "b" 100 times slower and has an hour
+    # of it queued (g5) behind which g2 would be late, but a request arriving now would go
+    # before g5 and start at once
+    tp = InstanceThroughput()
+    for m in ("a", "b"):
+        tp.set_profile("w0", m, PROFILE)
+    tp.set_profile("w1", "b", dataclasses.replace(PROFILE, decode_step_ms=1000.0))
+    gen = PlanGenerator(tp, ExactLengths(), swap_s=lambda w: 30.0)
+    snap = merge_snapshot(tight_s=30.5)
+    snap = dataclasses.replace(
+        snap, groups=(*snap.groups, group("g5", 100.0, tokens=4000, model="b")),
+        workers=(*snap.workers, worker("w1", ("b",), loaded="b")))
+    assert gen(snap).queues == {"w0": ["g1", "g3", "g2"], "w1": ["g5"]}
+    gen.max_merges = 0
+    assert gen(snap).queues == {"w0": ["g1", "g2", "g3"], "w1": ["g5"]}
+
+
+def test_only_work_as_tight_as_any_queued_goes_in_front_of_a_swap():
+    # the head of w0's queue needs a swap already: work put before it lengthens the drain
+    # before the swap, which a group of the same class may do, but not a looser one
+    gen = generator(models=("a", "b"))
+    assert gen(merge_snapshot(head=False)).queues["w0"] == ["g3", "g2"]
+    assert gen(merge_snapshot(head=False, g2_class="tight")).queues["w0"] == ["g2", "g3"]

@@ -170,6 +170,7 @@ class PlanGenerator:
         name: str = "qlm",
         candidates: int = 4,
         max_evictions: int = 8,
+        max_merges: int = 4,
         resume_s_per_token: Callable[[str, str], float] | None = None,
         slo_deadlines_s: Mapping[str, float] | None = None,
         tpot_limits: bool = False,
@@ -192,6 +193,8 @@ class PlanGenerator:
         # evictions one plan may ask for (0: none); (worker, model) -> seconds per context token
         # to resume an evicted request (KV back from CPU memory); None: it is recomputed
         self.max_evictions = max_evictions
+        # groups one plan may move forward into each worker's head segment (0: none)
+        self.max_merges = max_merges
         self.resume_s_per_token = resume_s_per_token or throughput.prefill_s_per_token
         # SLO class -> its TTFT objective, seconds: where in the plan a new request of each
         # class would go, for admission feedback (None: the snapshot's classes)
@@ -264,6 +267,8 @@ class PlanGenerator:
             self.candidates)
 
         late: list[GroupView] = []
+        self._views = {g.id: g for g in snapshot.groups}
+        self._admission_at: dict[tuple[str, str], dict[str, float]] = {}  # see _admission
         ordered = sorted(snapshot.groups, key=lambda g: (g.deadline_ms, g.sequence))
         # a new request of a class is due at now + its objective: it goes in behind the groups
         # due before that, so its wait is read when the deadline order passes that point
@@ -301,6 +306,10 @@ class PlanGenerator:
             estimate, wid = min(options, key=lambda o: (o[0].quantile(self.z), o[1]))
             self._place(plan, waits, tail_model, wid, g, queued, estimate, now_s)
             least.update(wid, g.model)
+        if self.max_merges > 0:
+            objectives = dict(self._deadlines(snapshot))
+            for w in snapshot.workers:
+                self._merge_into_head(w, plan, waits, now_s, objectives)
         if self.max_evictions > 0 and snapshot.slo_classes:
             self._plan_evictions(snapshot, plan, waits, now_s)
         plan.warm_starts = warm_starts(snapshot, plan.queues)
@@ -317,12 +326,14 @@ class PlanGenerator:
         return ((c, v.ttft_s) for c, v in snapshot.slo_classes.items())
 
     def _admission(self, plan: Plan, slo_class: str, waits, least: _LeastLoaded) -> None:
-        """The wait of a request of `slo_class` for each model, were it placed now."""
+        """The wait of a request of `slo_class` for each model, were it placed now (and, per
+        worker tried, in _admission_at)."""
         for model in least.served:
-            options = [waits[w].next_wait(QueuedGroup(model, slo_class, 1)).quantile(self.z)
-                       for w in least.least(model)]
-            if options:
-                plan.admission_by_class_s.setdefault(model, {})[slo_class] = min(options)
+            at = {w: waits[w].next_wait(QueuedGroup(model, slo_class, 1)).quantile(self.z)
+                  for w in least.least(model)}
+            self._admission_at[(model, slo_class)] = at
+            if at:
+                plan.admission_by_class_s.setdefault(model, {})[slo_class] = min(at.values())
 
     def _worth_deferring(self, g, wid, lateness_s, following, now_s) -> bool:
         """Setting a late group aside helps only the groups it would delay: if even the next
@@ -345,6 +356,80 @@ class PlanGenerator:
         waits[wid].append(queued)
         tail_model[wid] = g.model
         self._latest[g.id] = (estimate, now_s)
+
+    # --- merging ---------------------------------------------------------------------------
+
+    def _merge_into_head(self, w: WorkerView, plan: Plan, waits, now_s: float,
+                         objectives: Mapping[str, float]) -> None:
+        """Moves later groups of the model w is serving to the head of w's queue, behind the
+        groups of that model already there, while every group they pass still starts by its
+        deadline. Deadline order serves a model's tight work in small segments as it comes and
+        its loose work later in segments of its own: smaller batches and more swaps than
+        arrival order (wb at 1x: mistral-7b ran in batches of 11.9 against fcfs's 15.1, and
+        qlm completed 4.21 requests/s against fcfs's 5.08). Only at the head: it is what the
+        worker pulls before the next plan. Two more conditions, each measured on wb at 2x
+        (`objectives`: SLO class -> TTFT objective, s):
+        - w has room for tight work: a request of the tightest class arriving now, of each
+          model w serves that no other worker has room for, would still start in time where
+          deadline order puts it. Without that, 0.991 -> 0.972 on the first 8,000 requests:
+          the groups passed kept their deadlines, the ones that arrived next did not.
+        - When the head of the queue needs a swap already (the batch is draining), only a
+          group as tight as anything queued on w goes in front of it: a looser one extends the
+          drain while tight work waits (0.991 -> 0.977)."""
+        queue, model = plan.queues[w.id], w.loaded
+        if not model or not queue:
+            return
+        groups = self._views
+        end = next((i for i, gid in enumerate(queue) if groups[gid].model != model),
+                   len(queue))
+        if end == len(queue):
+            return
+        tightest = min(objectives.items(), key=lambda c: c[1], default=None)
+        newcomers = [] if tightest is None else [
+            (now_s + tightest[1], QueuedGroup(m, tightest[0], 1)) for m in w.models
+            if not any(wait <= tightest[1] for wid, wait in self._admission_at.get(
+                (m, tightest[0]), {}).items() if wid != w.id)]
+        queued_tightest = min(objectives.get(groups[gid].slo_class, 0.0) for gid in queue)
+        for _ in range(self.max_merges):
+            j = next((k for k in range(end + 1, len(queue))
+                      if groups[queue[k]].model == model and (end > 0 or objectives.get(
+                          groups[queue[k]].slo_class, 0.0) <= queued_tightest)), None)
+            if j is None:
+                return
+            order = queue[:end] + [queue[j]] + queue[end:j] + queue[j + 1:]
+            rebuilt = self._estimate_queue(w, order, end, j + 1, now_s, newcomers)
+            if rebuilt is None:
+                return  # a later group would pass the same ones
+            waits[w.id], estimates = rebuilt
+            queue[:] = order
+            for gid, e in estimates.items():
+                self._latest[gid] = (e, now_s)
+            end += 1
+
+    def _estimate_queue(self, w: WorkerView, order, first: int, last: int, now_s: float,
+                        newcomers=()):
+        """(the estimator's state after `order` on w, the estimates of its groups from
+        `first` on); None if one of them up to `last` would start late, or a newcomer
+        (deadline s, QueuedGroup) put in from `first` on where its deadline falls."""
+        groups = self._views
+        qw = self._head_queue(w, None)
+        estimates = {}
+        pending = sorted(newcomers, key=lambda n: n[0])
+        for k, gid in enumerate(order):
+            g, due_s = self._queued(groups[gid]), groups[gid].deadline_ms / 1000
+            while k >= first and pending and pending[0][0] < due_s:
+                n_due_s, n = pending.pop(0)
+                if qw.next_wait(n).quantile(self.z) > n_due_s - now_s:
+                    return None
+            if k >= first:
+                e = qw.next_wait(g)
+                if k < last and e.quantile(self.z) > due_s - now_s:
+                    return None
+                estimates[gid] = e
+            qw.append(g)
+        if any(qw.next_wait(n).quantile(self.z) > n_due_s - now_s for n_due_s, n in pending):
+            return None
+        return qw, estimates
 
     # --- eviction --------------------------------------------------------------------------
 
