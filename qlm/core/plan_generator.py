@@ -9,6 +9,12 @@ that can meet its deadline nowhere is set aside and queued after all groups that
 least loaded worker: under overload EDF serves hopeless groups first and makes the next ones
 late too (the domino effect); QLM serves what can still be saved.
 
+Merging (model affinity over time): deadline order serves a model's tight work in small
+segments and its loose work later in segments of its own, so the plan then moves later groups
+of the model a worker serves to the head of its queue, behind that model's groups there, when
+the groups they pass keep their deadlines (see _merge_into_head for the gates). Fewer swaps
+and fuller batches: on wb at 1x it took qlm from 17 % under fcfs's throughput to within 2 %.
+
 Request eviction (an LSO): when the group at the head of a worker's queue would miss its
 deadline while requests of a looser class (a longer TTFT objective) hold that worker's batch,
 the plan pre-empts the fewest of them that let the most of the group's requests start in time
