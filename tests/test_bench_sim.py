@@ -58,6 +58,12 @@ def test_runs_every_policy_and_load_on_the_same_requests(trace, profiles, tmp_pa
         assert r["requests"] == r["completed"] == 300
         assert set(r["slo_attainment_by_class"]) == {"interactive", "batch"}
         assert 0 <= r["slo_attainment"] <= 1 and r["goodput_rps"] <= r["throughput_rps"]
+        # one model: its steps are the instances' busy time, one to max_running (sim-small:
+        # 64) sequences at a time; nothing to swap
+        assert set(r["busy_s_by_model"]) == set(r["mean_batch_by_model"]) == {"llama-7b"}
+        assert 1.0 <= r["mean_batch_by_model"]["llama-7b"] <= 64
+        assert r["model_swaps"] == 0 and r["swap_s"] == 0
+        assert 0 < r["completed_after_arrivals"] <= 300 and r["drain_s"] > 0
     # 8x the arrival rate is harder than 1x for fcfs
     fcfs = {r["load"]: r for r in runs if r["policy"] == "fcfs"}
     assert fcfs[8.0]["ttft_p99_s"] > fcfs[1.0]["ttft_p99_s"]

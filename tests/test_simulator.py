@@ -66,6 +66,18 @@ def test_folding_steps_changes_no_timing(policy):
             (b.spec.id, b.start_s, b.first_token_s, b.finish_s))
 
 
+@pytest.mark.parametrize("fold", [True, False])
+def test_the_run_says_how_busy_each_model_kept_the_instances_and_at_what_batch(fold):
+    # "a": 4 requests of 10 tokens in one batch of 4 (10 steps of 10 ms), then 2 more of 5
+    # tokens arriving at 1 s (5 steps at 2); "b": 1 request of 3 tokens after a 5 s cold load
+    res = run([*(req(i, 0.0, 10, model="a") for i in range(4)),
+               req(4, 1.0, 5, model="a"), req(5, 1.0, 5, model="a"),
+               req(6, 2.0, 3, model="b")], models=("a", "b"), fold_steps=fold)
+    assert res.busy_s_by_model == pytest.approx({"a": 0.15, "b": 0.03})
+    assert res.batch_by_model == pytest.approx({"a": (10 * 4 + 5 * 2) / 15, "b": 1.0})
+    assert res.swap_s == pytest.approx(5.0) and res.model_swaps == 1
+
+
 def test_edf_serves_interactive_before_a_batch_burst():
     burst = [req(i, 0.0, 200, cls="batch", deadline=3600.0) for i in range(40)]
     interactive = [req(100 + i, 0.5, 20, cls="interactive", deadline=3.0) for i in range(8)]

@@ -96,6 +96,7 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
     reqs = result.requests
     done = [r for r in reqs if r.finish_s is not None]
     met = [slo_met(r) for r in reqs]
+    last = max((r.spec.arrival_s for r in reqs), default=0.0)
     span = max((r.finish_s for r in done), default=0.0) - min(
         (r.spec.arrival_s for r in reqs), default=0.0)
     by_class: dict[str, list[bool]] = {}
@@ -111,6 +112,10 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
         "slo_attainment_by_class": {c: round(sum(v) / len(v), 4)
                                     for c, v in sorted(by_class.items())},
         "throughput_rps": round(len(done) / span, 4) if span else 0.0,
+        # after the trace's last arrival: how long the run went on and what it completed then
+        # (a policy that defers loose work ends the trace with more of it queued)
+        "drain_s": round(max((r.finish_s for r in done), default=last) - last, 1),
+        "completed_after_arrivals": sum(r.finish_s > last for r in done),
         "goodput_rps": round(sum(met) / span, 4) if span else 0.0,
         # of the requests with a TPOT objective (None: there are none)
         "tpot_attainment": round(sum(tpot) / len(tpot), 4) if tpot else None,
@@ -119,6 +124,9 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
         # 0th, 1st, ..., 100th percentile: enough for a CDF plot
         "ttft_quantiles_s": [round(percentile(ttft, q), 3) for q in range(101)],
         "model_swaps": result.model_swaps,
+        "swap_s": round(result.swap_s, 1),
+        "busy_s_by_model": {m: round(v, 1) for m, v in result.busy_s_by_model.items()},
+        "mean_batch_by_model": {m: round(v, 2) for m, v in result.batch_by_model.items()},
         "evictions": result.evictions,
         "planner_ms_p99": round(percentile(sorted(result.planner_ms), 99), 3),
         "plans": result.plans,

@@ -153,6 +153,11 @@ class SimResult:
     planner_ms: list[float]
     plans: int
     evictions: int = 0
+    # per model: seconds the instances spent in its steps, and the sequences decoding in a
+    # step on average (weighted by steps): where a policy's batching gains or loses capacity
+    busy_s_by_model: dict[str, float] = dataclasses.field(default_factory=dict)
+    batch_by_model: dict[str, float] = dataclasses.field(default_factory=dict)
+    swap_s: float = 0.0  # seconds spent loading models
 
 
 class Simulation:
@@ -209,6 +214,9 @@ class Simulation:
         self._done = 0
         self.planner_ms: list[float] = []
         self.evictions = 0
+        # model -> [step seconds, steps, sequence-steps]; swap seconds (see SimResult)
+        self._steps: dict[str, list[float]] = {}
+        self._swap_s = 0.0
 
     # --- event loop ------------------------------------------------------------------------
 
@@ -231,6 +239,9 @@ class Simulation:
             planner_ms=self.planner_ms,
             plans=len(self.planner_ms),
             evictions=self.evictions,
+            busy_s_by_model={m: v[0] for m, v in sorted(self._steps.items())},
+            batch_by_model={m: v[2] / v[1] for m, v in sorted(self._steps.items()) if v[1]},
+            swap_s=self._swap_s,
         )
 
     def _next_outside_event_s(self) -> float:
@@ -559,6 +570,11 @@ class Simulation:
         if version != inst.step_version:
             return  # cut short: a later event ends this step
         inst.busy = False
+        decoding = len(inst.running) - len(inst.prefill_left)
+        acc = self._steps.setdefault(inst.model, [0.0, 0, 0])
+        acc[0] += self.now - inst.step[0]
+        acc[1] += tokens
+        acc[2] += tokens * decoding
         still = []
         for req in inst.running:
             if req in inst.prefill_left:  # its prompt is not all prefilled yet
@@ -592,6 +608,7 @@ class Simulation:
         inst.busy = True
         inst.busy_until = self.now + ms / 1000
         inst.swaps += 1
+        self._swap_s += ms / 1000
         inst.loading = model
         self._at(self.now + ms / 1000, "swap", (inst, model))
 
