@@ -13,7 +13,7 @@ Merging (model affinity over time): deadline order serves a model's tight work i
 segments and its loose work later in segments of its own, so the plan then moves later groups
 of the model a worker serves to the head of its queue, behind that model's groups there, when
 the groups they pass keep their deadlines (see _merge_into_head for the gates). Fewer swaps
-and fuller batches: on wb at 1x it took qlm from 17 % under fcfs's throughput to within 2 %.
+and fuller batches: on wb at 1x it took qlm from 17 % under fcfs's throughput to within 3 %.
 
 Request eviction (an LSO): when the group at the head of a worker's queue would miss its
 deadline while requests of a looser class (a longer TTFT objective) hold that worker's batch,
