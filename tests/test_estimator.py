@@ -675,3 +675,42 @@ def test_calibration_reports_the_uncertain_waits_apart():
     assert cal.coverage() == pytest.approx(4 / 5)
     assert (cal.uncertain, cal.coverage_uncertain()) == (2, 0.5)
     assert math.isnan(Calibration().coverage_uncertain())
+
+
+def test_calibration_learns_the_spread_its_recent_errors_call_for():
+    z = NormalDist().inv_cdf(0.95)
+    est = WaitEstimate(mean=10.0, std=4.0, fixed=2.0)
+    room = est.quantile(z) - est.fixed
+    cal = Calibration(confidence=0.95)
+    assert cal.spread() == 1.0
+    rng = np.random.default_rng(0)
+    # the real waits: the fixed part plus a uniform share of only half the quantile's room
+    for u in rng.uniform(0, 0.5, Calibration.MIN_COUNT - 1):
+        cal.record(est, est.fixed + u * room)
+    assert cal.spread() == 1.0  # too few to say
+    for u in rng.uniform(0, 0.5, 400):
+        cal.record(est, est.fixed + u * room)
+    assert cal.spread() == pytest.approx(0.475, abs=0.02)
+    # read through that spread, the quantile covers 95 % of such waits, not all of them
+    tight = dataclasses.replace(est, spread=cal.spread())
+    waits = est.fixed + rng.uniform(0, 0.5, 4000) * room
+    assert np.mean(waits <= tight.quantile(z)) == pytest.approx(0.95, abs=0.03)  # 1.0 before
+    assert tight.p_meets(tight.quantile(z)) == pytest.approx(0.95, abs=1e-6)
+    # sure waits are not stretched, and too bold estimates are widened
+    assert dataclasses.replace(WaitEstimate(3.0, 0.0), spread=0.5).quantile(z) == 3.0
+    bold = Calibration(confidence=0.95)
+    for u in rng.uniform(0, 2.0, 400):
+        bold.record(est, est.fixed + u * room)
+    assert bold.spread() == pytest.approx(1.9, abs=0.08)
+
+
+def test_the_estimator_reads_its_quantiles_through_the_spread():
+    est = estimator(profile=Profile(max_running=4))
+    g = QueuedGroup("m", "c", 8)
+    z = NormalDist().inv_cdf(0.95)
+    before = est.estimate("w", [g, g])[1]
+    est.spread = 0.5
+    after = est.estimate("w", [g, g])[1]
+    assert after.spread == 0.5 and after.mean == before.mean and after.std == before.std
+    assert after.quantile(z) - after.fixed == pytest.approx(
+        0.5 * (before.quantile(z) - before.fixed))

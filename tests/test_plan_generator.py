@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from qlm.core import policies
-from qlm.core.estimator import InstanceThroughput
+from qlm.core.estimator import InstanceThroughput, WaitEstimate
 from qlm.core.plan import GroupView, SloView, Snapshot, WorkerView
 from qlm.core.plan_generator import ExactLengths, PlanGenerator
 from qlm.engines.sim import SimProfile
@@ -265,3 +265,19 @@ def test_only_work_as_tight_as_any_queued_goes_in_front_of_a_swap():
     gen = generator(models=("a", "b"))
     assert gen(merge_snapshot(head=False)).queues["w0"] == ["g3", "g2"]
     assert gen(merge_snapshot(head=False, g2_class="tight")).queues["w0"] == ["g2", "g3"]
+
+
+def test_a_plan_reads_its_waits_through_the_spread_its_past_errors_call_for():
+    # the last 100 uncertain waits took at most 60 % of the room their 95 % quantile left
+    gen = generator(oracle=False)
+    past = WaitEstimate(mean=10.0, std=4.0)
+    room = past.quantile(gen.z)
+    for i in range(100):
+        gen.calibration.record(past, 0.6 * room * (i + 1) / 100)
+    snap = Snapshot(now_ms=0, groups=(group("g1", 600.0), group("g2", 600.0)),
+                    workers=(busy_worker(),))
+    gen(snap)
+    assert gen._latest["g2"][0].spread == pytest.approx(0.57, abs=0.01)
+    gen.recalibrate = False
+    gen(snap)
+    assert gen._latest["g2"][0].spread == 1.0

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
+from collections import Counter, deque
 from statistics import NormalDist
 
 from .lengths import Key, OutputLengthStats, group_band
@@ -129,6 +129,8 @@ class WaitEstimate:
     std: float
     fixed: float = 0.0
     tail: str = "gamma"
+    # the calibration's factor on the uncertain part of every quantile (Calibration.spread)
+    spread: float = 1.0
 
     def _cube_root_normal(self):
         rand = self.mean - self.fixed
@@ -139,6 +141,12 @@ class WaitEstimate:
 
     def quantile(self, z: float) -> float:
         """The wait met with probability Phi(z)."""
+        q = self._raw_quantile(z)
+        if self.spread == 1.0 or self.std <= 0:
+            return q
+        return self.fixed + self.spread * (q - self.fixed)
+
+    def _raw_quantile(self, z: float) -> float:
         wh = self._cube_root_normal()
         if wh is None:
             return self.mean + z * self.std
@@ -147,6 +155,8 @@ class WaitEstimate:
 
     def p_meets(self, deadline_s: float) -> float:
         """P(wait <= deadline_s)."""
+        if self.spread != 1.0 and self.std > 0:
+            deadline_s = self.fixed + (deadline_s - self.fixed) / self.spread
         wh = self._cube_root_normal()
         if wh is not None:
             d = deadline_s - self.fixed
@@ -253,6 +263,7 @@ class WaitingTimeEstimator:
         if tail not in ("gamma", "normal"):
             raise ValueError(f"tail must be 'gamma' or 'normal', got {tail!r}")
         self.lengths, self.throughput, self.tail = lengths, throughput, tail
+        self.spread = 1.0  # see Calibration.spread: set by whoever checks the estimates
 
     def estimate(
         self, worker: str, queue, *, model: str | None = None, running=(), swap_s: float = 0.0
@@ -432,7 +443,7 @@ class QueueWaits:
             fixed = swaps + (seg.prefill if f or self.chunked else 0.0)
             return WaitEstimate(base_mean + fixed + f * seg.mean,
                                 math.sqrt(base_var + f * seg.var / seg.batch + shared),
-                                fixed, self.est.tail)
+                                fixed, self.est.tail, self.est.spread)
         mean = second = 0.0
         for p, f in cases:
             shared = bb + f * bs + f * f * ss
@@ -446,6 +457,7 @@ class QueueWaits:
             math.sqrt(max(base_var + second - mean * mean, 0.0)),
             fixed,
             self.est.tail,
+            self.est.spread,
         )
 
     def append(self, g) -> None:
@@ -478,7 +490,12 @@ class QueueWaits:
 
 
 class Calibration:
-    """Estimator coverage: how often actual waits fall at or under the predicted quantile."""
+    """Estimator coverage: how often actual waits fall at or under the predicted quantile; and
+    the spread that would have made the recent uncertain ones fall under it at the confidence
+    (online conformal calibration: the estimate's own errors, learned from the outcomes)."""
+
+    # uncertain waits the spread is read from, the fewest it needs, and how far it may go
+    WINDOW, MIN_COUNT, LIMITS = 400, 50, (0.25, 4.0)
 
     def __init__(self, confidence: float = 0.95):
         self.confidence, self.z = confidence, _N01.inv_cdf(confidence)
@@ -488,6 +505,8 @@ class Calibration:
         # and where most are (wa at 1x: half) they lift the overall figure
         self.uncertain = self.uncertain_hits = 0
         self._error_sum = 0.0
+        # per recent uncertain wait: (actual - fixed) / (quantile - fixed) before any spread
+        self._scores: deque[float] = deque(maxlen=self.WINDOW)
 
     # Waits are compared to the millisecond (the services' clocks tick in ms).
     TOLERANCE_S = 0.001
@@ -499,7 +518,21 @@ class Calibration:
         if predicted.std > self.TOLERANCE_S:
             self.uncertain += 1
             self.uncertain_hits += hit
+            room = predicted._raw_quantile(self.z) - predicted.fixed
+            if room > self.TOLERANCE_S:
+                self._scores.append((actual_s - predicted.fixed) / room)
         self._error_sum += actual_s - predicted.mean
+
+    def spread(self) -> float:
+        """The factor on the uncertain part of each quantile under which the confidence share
+        of the recent uncertain waits was met: below 1 where the estimates were too cautious,
+        above where too bold; 1 until MIN_COUNT waits are known."""
+        if len(self._scores) < self.MIN_COUNT:
+            return 1.0
+        scores = sorted(self._scores)
+        k = min(len(scores) - 1, math.ceil(self.confidence * len(scores)) - 1)
+        lo, hi = self.LIMITS
+        return min(hi, max(lo, scores[k]))
 
     def coverage(self) -> float:
         """Fraction of actual waits <= predicted quantile(z); nan before any record."""

@@ -177,6 +177,7 @@ class PlanGenerator:
         candidates: int = 4,
         max_evictions: int = 8,
         max_merges: int = 4,
+        recalibrate: bool = True,
         resume_s_per_token: Callable[[str, str], float] | None = None,
         slo_deadlines_s: Mapping[str, float] | None = None,
         tpot_limits: bool = False,
@@ -206,6 +207,9 @@ class PlanGenerator:
         # class would go, for admission feedback (None: the snapshot's classes)
         self.slo_deadlines_s = slo_deadlines_s
         self.calibration = Calibration(confidence)
+        # read each wait's quantile through the spread its recent errors call for (see
+        # Calibration.spread); False: the estimator's own quantiles
+        self.recalibrate = recalibrate
         self._compute_s: collections.deque = collections.deque(maxlen=8)  # see ready_s
         # the estimate of the plan in force for each group, and when it was made: checked
         # against the group's real wait when it starts (a later plan may move a group back
@@ -254,6 +258,7 @@ class PlanGenerator:
     def _plan(self, snapshot: Snapshot) -> Plan:
         now_s = snapshot.now_ms / 1000
         plan = Plan(queues={w.id: [] for w in snapshot.workers}, policy=self.name)
+        self.estimator.spread = self.calibration.spread() if self.recalibrate else 1.0
         if self.tpot_limits:
             plan.step_limits = step_limits(snapshot, self._throughput)
             self.estimator.throughput = CappedThroughput(self._throughput, plan.step_limits)
