@@ -31,6 +31,12 @@ Choices beyond the paper, each for a known weakness of the published estimator:
 - A model change first drains the instance: its end is the fluid drain time or, when later, the
   end of the longest of the last k in flight (quantiles of the max of k lengths; heavy tails
   make the drain last much longer than its average work), then the swap time is added.
+- Calibration (online, conformal): every uncertain wait's outcome is scored against the room
+  its quantile left, (actual - fixed) / (quantile - fixed); the plan then reads quantiles
+  with that room scaled by the 95th percentile of the last 400 scores (Calibration.spread).
+  The model above erred on the safe side by a point or two on most loads, and the other way
+  where the planner's own compute time was not yet counted; the spread corrects either,
+  whatever the cause, from the estimates' own errors.
 """
 
 from __future__ import annotations
