@@ -97,8 +97,8 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
     done = [r for r in reqs if r.finish_s is not None]
     met = [slo_met(r) for r in reqs]
     last = max((r.spec.arrival_s for r in reqs), default=0.0)
-    span = max((r.finish_s for r in done), default=0.0) - min(
-        (r.spec.arrival_s for r in reqs), default=0.0)
+    end = max((r.finish_s for r in done), default=0.0)
+    span = end - min((r.spec.arrival_s for r in reqs), default=0.0)
     by_class: dict[str, list[bool]] = {}
     for r, ok in zip(reqs, met, strict=True):
         by_class.setdefault(r.spec.slo_class, []).append(ok)
@@ -114,7 +114,7 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
         "throughput_rps": round(len(done) / span, 4) if span else 0.0,
         # after the trace's last arrival: how long the run went on and what it completed then
         # (a policy that defers loose work ends the trace with more of it queued)
-        "drain_s": round(max((r.finish_s for r in done), default=last) - last, 1),
+        "drain_s": round(end - last, 1) if done else 0.0,
         "completed_after_arrivals": sum(r.finish_s > last for r in done),
         "goodput_rps": round(sum(met) / span, 4) if span else 0.0,
         # of the requests with a TPOT objective (None: there are none)

@@ -278,7 +278,7 @@ class PlanGenerator:
             self.candidates)
 
         late: list[GroupView] = []
-        self._views = {g.id: g for g in snapshot.groups}
+        self._views = {g.id: g for g in snapshot.groups}  # this plan's groups, by id
         self._admission_at: dict[tuple[str, str], dict[str, float]] = {}  # see _admission
         ordered = sorted(snapshot.groups, key=lambda g: (g.deadline_ms, g.sequence))
         # a new request of a class is due at now + its objective: it goes in behind the groups
@@ -446,7 +446,7 @@ class PlanGenerator:
 
     def _plan_evictions(self, snapshot: Snapshot, plan: Plan, waits, now_s: float) -> None:
         slo = snapshot.slo_classes
-        groups = {g.id: g for g in snapshot.groups}
+        groups = self._views
         heads = sorted(((groups[q[0]], w) for w in snapshot.workers
                         if (q := plan.queues[w.id]) and w.running_requests),
                        key=lambda h: (h[0].deadline_ms, h[0].sequence))
