@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import config as qlm_config
-from .procutil import die_with_parent, kill_group
+from .procutil import kill_group, spawn_dying_with_parent
 from .redis_server import EmbeddedRedis
 
 START_TIMEOUT_S = 60.0
@@ -86,8 +86,8 @@ class Stack:
         commands = service_commands(self.cfg)
         for name, argv, _ in commands:
             # a session (process group) per service, so its own children go with it (stop)
-            self.procs.append((name, subprocess.Popen(
-                argv, env=env, preexec_fn=die_with_parent, start_new_session=True)))
+            self.procs.append((name, spawn_dying_with_parent(
+                argv, env=env, start_new_session=True)))
         timeout_s = (VLLM_START_TIMEOUT_S if any(w.engine == "vllm" for w in self.cfg.workers)
                      else START_TIMEOUT_S)
         deadline = time.monotonic() + timeout_s

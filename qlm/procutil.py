@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +12,25 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """A Popen preexec_fn: on Linux the kernel sends the child SIGTERM when its parent dies, so
-    a launcher or test run killed with SIGKILL leaves no Redis server or service behind."""
+def _set_parent_death_signal() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+def spawn_dying_with_parent(argv: list[str], **popen_kwargs) -> subprocess.Popen:
+    """Popen(argv), where on Linux the kernel sends the child SIGTERM when its parent dies, so a
+    launcher or test run killed with SIGKILL leaves no Redis server or service behind.
+
+    util-linux's `setpriv --pdeathsig` asks for the signal and execs argv, so Popen can spawn
+    with no Python in the child. A preexec_fn would make Popen fork() and run Python in the
+    child, and forking a process whose gRPC threads are mid-call has killed that child before
+    its exec. The preexec_fn stays as the fallback where setpriv is missing."""
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+        else:
+            popen_kwargs["preexec_fn"] = _set_parent_death_signal
+    return subprocess.Popen(argv, **popen_kwargs)
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:

@@ -12,7 +12,7 @@ import time
 
 import redis
 
-from .procutil import die_with_parent, stop_process
+from .procutil import spawn_dying_with_parent, stop_process
 
 
 def server_binary() -> str:
@@ -45,11 +45,11 @@ class EmbeddedRedis:
         self._proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
-        self._proc = subprocess.Popen(
+        self._proc = spawn_dying_with_parent(
             [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", self._dir.name,
              "--protected-mode", "yes", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout_s
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
