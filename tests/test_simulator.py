@@ -4,6 +4,7 @@ nothing, policies compared on a head-of-line burst, model swaps, and nothing los
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -197,3 +198,26 @@ def test_a_swap_before_the_warm_start_is_done_waits_only_for_the_rest():
     b = res.requests[1]
     assert 2.0 + 0.5 < b.start_s < 2.0 + 5.0
     assert b.start_s == pytest.approx(0.1 + 4.5 + 0.5, abs=0.05)
+
+
+def test_a_group_opened_during_a_plan_gets_the_next_plan_at_once():
+    """As the planner service reads the events that came while it computed as soon as it is
+    done, a group that opens meanwhile is planned right after, not at the next tick."""
+    asked_at = []
+    fcfs = policies.get("fcfs")
+
+    def slow(snapshot):
+        asked_at.append((round(snapshot.now_ms), sorted(g.id for g in snapshot.groups)))
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.05:  # 50 ms of (charged) compute
+            pass
+        return fcfs(snapshot)
+
+    # r0 opens g1 and takes the one slot (a plan at 20 ms, in force at ~70 ms); r1, of
+    # another class, opens g2 at 30 ms and waits
+    requests = [req(0, 0.0, 500), req(1, 0.03, 5, cls="interactive", deadline=2.0)]
+    Simulation(requests, fleet(max_running=1), slow, plan_interval_s=1.0).run()
+    first, second = asked_at[0], asked_at[1]
+    assert first == (20, [])
+    # after the first plan is in force (~70 ms) and the debounce (20 ms): not at the 1 s tick
+    assert 85 <= second[0] <= 120 and "g2" in second[1]

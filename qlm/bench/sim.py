@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import multiprocessing
 import os
 import pathlib
 import sys
@@ -238,7 +239,10 @@ def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], 
             runs[task] = _simulate(*common, *task)
     else:
         slowest_first = sorted(tasks, key=lambda t: (t[1] in QLM_NAMES, t[0]), reverse=True)
-        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(tasks))) as pool:
+        # spawned, not forked: a caller with gRPC threads running (a test, a service) would
+        # fork their locks mid-call, and the runs hung
+        with concurrent.futures.ProcessPoolExecutor(
+                min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
             pending = {pool.submit(_simulate, *common, *t): t for t in slowest_first}
             report()
             for future in concurrent.futures.as_completed(pending):

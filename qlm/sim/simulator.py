@@ -211,6 +211,9 @@ class Simulation:
         self._next_arrival = 0
         self._plan_asked = False
         self._installs: list[float] = []  # times of plans computed but not yet installed
+        # something asked for a plan while one was being computed: the planner service reads
+        # the events that came meanwhile as soon as it is done, so one follows at once
+        self._asked_meanwhile = False
         self._done = 0
         self.planner_ms: list[float] = []
         self.evictions = 0
@@ -271,7 +274,9 @@ class Simulation:
         self._kick_all()
 
     def _ask_plan(self) -> None:
-        if not self._plan_asked and not self._installs:
+        if self._installs:
+            self._asked_meanwhile = True
+        elif not self._plan_asked:
             self._plan_asked = True
             self._at(self.now + self.plan_debounce_s, "plan")
 
@@ -394,6 +399,9 @@ class Simulation:
     def _on_install(self, arg) -> None:
         ready, plan = arg
         self._installs.remove(ready)
+        if self._asked_meanwhile and not self._installs:
+            self._asked_meanwhile = False
+            self._ask_plan()
         for name, inst in self.instances.items():
             inst.limit = plan.step_limits.get(name)
             for m in plan.warm_starts.get(name, ()):
