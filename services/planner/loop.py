@@ -26,6 +26,7 @@ log = logging.getLogger("qlm.planner")
 
 # After the first event, wait this long for more so a burst costs one plan, not hundreds.
 DEBOUNCE_S = 0.02
+CATCH_UP_BATCH = 1000  # events per read when a planner learns from the stream at start
 
 
 async def take_snapshot(store: QueueStore, workers: dict[str, dict[str, str]],
@@ -170,25 +171,44 @@ class PlannerLoop:
             await asyncio.sleep(DEBOUNCE_S)
         return last_event
 
-    def _learn(self, events) -> None:
+    async def _catch_up(self) -> str:
+        """Learns the output lengths of the completions still in the event stream (its last
+        ~100,000 events), so that a planner that starts, or takes over from a lost leader,
+        plans with what the fleet has done lately rather than with the prior. Gives back the
+        id of the last event read."""
+        last = "-"
+        while True:
+            events = await self.store.client.xrange(self.store.key("events"), min=last,
+                                                    count=CATCH_UP_BATCH)
+            if last != "-" and events and events[0][0] == last:
+                events = events[1:]  # the range includes the one read last time
+            if not events:
+                return "0-0" if last == "-" else last
+            # its starts were estimated by another planner's plans: nothing to check them by
+            self._learn(events, starts=False)
+            last = events[-1][0]
+
+    def _learn(self, events, starts: bool = True) -> None:
         for event_id, e in events:
             kind = e.get("type")
             if kind == "finished" and self._observe:
                 prompt = e.get("prompt_tokens")
                 self._observe(e.get("model", ""), e.get("cls", ""), int(e.get("out") or 0),
                               int(prompt) if prompt else None)
-            elif kind == "start" and self._group_started:
+            elif kind == "start" and starts and self._group_started:
                 self._group_started(e.get("gid", ""), int(event_id.split("-")[0]) / 1000)
 
     async def _run(self) -> None:
-        last_event = "$"
+        last_event = None
         while not self._stopping:
             try:
+                if last_event is None:
+                    last_event = await self._catch_up()
                 await self._take_lead()
-                if not self.leader:
-                    await asyncio.sleep(self.interval_s)
-                    continue
+                # a standby learns too, to take over with what the leader knew
                 last_event = await self._wait_for_events(last_event)
+                if not self.leader:
+                    continue
                 await self.store.expire()
                 await self.plan_once()
             except asyncio.CancelledError:
