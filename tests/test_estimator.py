@@ -704,6 +704,31 @@ def test_calibration_learns_the_spread_its_recent_errors_call_for():
     assert bold.spread() == pytest.approx(1.9, abs=0.08)
 
 
+def test_calibration_scores_carry_over_to_another_planner():
+    z = NormalDist().inv_cdf(0.95)
+    est = WaitEstimate(mean=10.0, std=4.0, fixed=2.0)
+    room = est.quantile(z) - est.fixed
+    rng = np.random.default_rng(1)
+    old = Calibration(confidence=0.95)
+    for u in rng.uniform(0, 0.5, 300):
+        old.record(est, est.fixed + u * room)
+    assert old.scored == 300 and len(old.scores_since(0)) == 300
+    kept = old.scores_since(0)
+    for u in rng.uniform(0, 0.5, 200):
+        old.record(est, est.fixed + u * room)
+    # the window holds 400: of the 200 new, all; since the start, only the last 400
+    assert old.scores_since(300) == list(old._scores)[-200:]
+    assert old.scores_since(0) == list(old._scores) and len(old._scores) == 400
+    new = Calibration(confidence=0.95)
+    new.restore(kept + old.scores_since(300))
+    assert new.spread() == old.spread() != 1.0
+    assert new.scored == 0  # nothing of its own to keep yet
+    # its own scores come after the restored ones and push the oldest out
+    for _ in range(10):
+        new.record(est, est.fixed + 2.0 * room)
+    assert list(new._scores)[-10:] == [pytest.approx(2.0)] * 10 and len(new._scores) == 400
+
+
 def test_the_estimator_reads_its_quantiles_through_the_spread():
     est = estimator(profile=Profile(max_running=4))
     g = QueuedGroup("m", "c", 8)

@@ -1,12 +1,14 @@
 """The planner learns output lengths from the fleet's completions: at start from those still in
 the event stream, so a restarted planner, or a standby taking over, does not plan from the prior;
-and while it is a standby, from each new one."""
+and while it is a standby, from each new one. The leader keeps its calibration scores in Redis
+for the next leader."""
 
 from __future__ import annotations
 
 import asyncio
 
 from qlm import config as qlm_config
+from qlm.core.estimator import WaitEstimate
 from services.planner.loop import PlannerLoop
 
 from .test_failures import two_workers
@@ -58,3 +60,24 @@ async def test_a_standby_planner_keeps_learning(store, tmp_path):
         assert not loop.leader and loop.last_plan is None
     finally:
         await loop.stop()
+
+
+async def test_the_next_leader_reads_waits_as_calibrated_as_the_last(store, tmp_path):
+    first = planner(store, tmp_path)
+    await first._take_lead()
+    assert first.leader
+    calibration = first.policy.calibration
+    est = WaitEstimate(mean=10.0, std=4.0, fixed=2.0)
+    for i in range(120):  # waits that took a third of the room the estimates left
+        calibration.record(est, est.fixed + (i % 10) / 30 * (est._raw_quantile(1.645) - 2.0))
+    await first._save_calibration()
+    await first._save_calibration()  # nothing new: nothing written twice
+    assert await store.client.llen(store.key("calibration")) == 120
+    spread = calibration.spread()
+    assert spread < 0.5
+    # the first is lost (its lock expires); a new planner takes the lead and reads the scores
+    await store.client.delete(store.key("leader"))
+    second = planner(store, tmp_path)
+    assert second.policy.calibration.spread() == 1.0
+    await second._take_lead()
+    assert second.leader and second.policy.calibration.spread() == spread

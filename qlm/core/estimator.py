@@ -513,6 +513,7 @@ class Calibration:
         self._error_sum = 0.0
         # per recent uncertain wait: (actual - fixed) / (quantile - fixed) before any spread
         self._scores: deque[float] = deque(maxlen=self.WINDOW)
+        self.scored = 0  # scores ever taken here (the window keeps the last WINDOW)
 
     # Waits are compared to the millisecond (the services' clocks tick in ms).
     TOLERANCE_S = 0.001
@@ -527,6 +528,7 @@ class Calibration:
             room = predicted._raw_quantile(self.z) - predicted.fixed
             if room > self.TOLERANCE_S:
                 self._scores.append((actual_s - predicted.fixed) / room)
+                self.scored += 1
         self._error_sum += actual_s - predicted.mean
 
     def spread(self) -> float:
@@ -539,6 +541,20 @@ class Calibration:
         k = min(len(scores) - 1, math.ceil(self.confidence * len(scores)) - 1)
         lo, hi = self.LIMITS
         return min(hi, max(lo, scores[k]))
+
+    def scores_since(self, scored: int) -> list[float]:
+        """The scores taken since `scored` were (oldest first; those the window still has),
+        for a planner to keep where the next one finds them."""
+        new = min(self.scored - scored, len(self._scores))
+        return list(self._scores)[len(self._scores) - new:] if new > 0 else []
+
+    def restore(self, scores) -> None:
+        """Puts scores kept by an earlier planner (oldest first) in the window, behind any of
+        this one's, so that spread() reads them at once."""
+        own = list(self._scores)
+        self._scores.clear()
+        self._scores.extend(list(scores)[-self.WINDOW:])
+        self._scores.extend(own)
 
     def coverage(self) -> float:
         """Fraction of actual waits <= predicted quantile(z); nan before any record."""

@@ -131,6 +131,7 @@ class PlannerLoop:
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self._stopping = False
+        self._saved_scores = 0  # of the policy's calibration scores, those kept in Redis
 
     @property
     def interval_s(self) -> float:
@@ -157,7 +158,36 @@ class PlannerLoop:
                      f"leader with epoch {epoch}" if epoch else "standby")
             self.sequence = 0
             self.last_plan = None
+            if epoch and not self.epoch:
+                await self._load_calibration()
         self.epoch = epoch
+
+    # The estimator's recent calibration scores (Calibration.spread), kept in Redis by the
+    # leader so that the next one reads waits as calibrated as this one did. Unlike the
+    # output lengths they cannot be rebuilt from the event stream: they compare a plan's
+    # estimates, which only the planner that made them knows, with the starts that followed.
+
+    async def _load_calibration(self) -> None:
+        calibration = getattr(self.policy, "calibration", None)
+        if calibration is None:
+            return
+        kept = await self.store.client.lrange(self.store.key("calibration"), 0, -1)
+        calibration.restore(float(x) for x in kept)
+        self._saved_scores = calibration.scored
+
+    async def _save_calibration(self) -> None:
+        calibration = getattr(self.policy, "calibration", None)
+        if calibration is None:
+            return
+        new = calibration.scores_since(self._saved_scores)
+        if not new:
+            return
+        key = self.store.key("calibration")
+        async with self.store.client.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, *(repr(x) for x in new))
+            pipe.ltrim(key, -calibration.WINDOW, -1)
+            await pipe.execute()
+        self._saved_scores = calibration.scored
 
     async def _wait_for_events(self, last_event: str) -> str:
         """Returns at the first new event (arrival, completion, ...) or at the end of the
@@ -241,6 +271,7 @@ class PlannerLoop:
                      for m, ws in plan.admission_by_class_s.items()})
             previous, self.last_plan, self.last_compute_ms = self.last_plan, plan, compute_ms
             await self._push(plan, previous, workers)
+            await self._save_calibration()
             refine = getattr(self.policy, "refine", None)
             if refine is not None:
                 return await self._refine(refine, snapshot, plan, workers) or plan
