@@ -16,7 +16,7 @@ import yaml
 
 from qlm import config as qlm_config
 from qlm.inprocess import InProcessStack  # noqa: F401 (the tests import it from here)
-from qlm.procutil import kill_group, stop_process
+from qlm.procutil import kill_group, spawn_dying_with_parent, stop_process
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROFILES = ROOT / "deploy" / "profiles"
@@ -65,7 +65,7 @@ class ServiceProcess:
 
     def __init__(self, module: str, *args: str, redis_url: str):
         env = {**os.environ, qlm_config.REDIS_URL_ENV: redis_url}
-        self.proc = subprocess.Popen(
+        self.proc = spawn_dying_with_parent(
             [sys.executable, "-m", module, *args], cwd=ROOT, env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
         )

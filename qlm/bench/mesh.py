@@ -40,6 +40,7 @@ from qlm.bench import percentile
 from qlm.engines.base import EngineError, EngineRequest
 from qlm.engines.sim import SimEngine, SimProfile
 from qlm.launcher import Stack, check_health, dial_address
+from qlm.procutil import spawn_dying_with_parent
 from qlm.redis_server import free_port
 from qlm.v1 import router_pb2, router_pb2_grpc
 
@@ -276,7 +277,7 @@ def write_stack_config(folder: str, workers: int) -> str:
 
 
 def start_service(argv: list[str], address: str, timeout_s: float = 30.0) -> subprocess.Popen:
-    proc = subprocess.Popen(argv)
+    proc = spawn_dying_with_parent(argv)
     deadline = time.monotonic() + timeout_s
     while not check_health(address, timeout_s=0.5):
         if proc.poll() is not None or time.monotonic() > deadline:
