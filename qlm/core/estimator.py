@@ -549,12 +549,10 @@ class Calibration:
         return list(self._scores)[len(self._scores) - new:] if new > 0 else []
 
     def restore(self, scores) -> None:
-        """Puts scores kept by an earlier planner (oldest first) in the window, behind any of
-        this one's, so that spread() reads them at once."""
-        own = list(self._scores)
+        """Takes the scores the last leader kept (oldest first) as the window, so that spread()
+        reads them at once. They include any this planner kept while it led before."""
         self._scores.clear()
-        self._scores.extend(list(scores)[-self.WINDOW:])
-        self._scores.extend(own)
+        self._scores.extend(scores)
 
     def coverage(self) -> float:
         """Fraction of actual waits <= predicted quantile(z); nan before any record."""

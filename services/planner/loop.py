@@ -205,27 +205,23 @@ class PlannerLoop:
         """Learns the output lengths of the completions still in the event stream (its last
         ~100,000 events), so that a planner that starts, or takes over from a lost leader,
         plans with what the fleet has done lately rather than with the prior. Gives back the
-        id of the last event read."""
-        last = "-"
-        while True:
-            events = await self.store.client.xrange(self.store.key("events"), min=last,
-                                                    count=CATCH_UP_BATCH)
-            if last != "-" and events and events[0][0] == last:
-                events = events[1:]  # the range includes the one read last time
-            if not events:
-                return "0-0" if last == "-" else last
-            # its starts were estimated by another planner's plans: nothing to check them by
-            self._learn(events, starts=False)
+        id of the last event read. (Its start events find no estimates of this planner's to
+        check, so they teach the calibration nothing.)"""
+        key, last = self.store.key("events"), "0-0"
+        while events := await self.store.client.xrange(key, min=f"({last}",
+                                                       count=CATCH_UP_BATCH):
+            self._learn(events)
             last = events[-1][0]
+        return last
 
-    def _learn(self, events, starts: bool = True) -> None:
+    def _learn(self, events) -> None:
         for event_id, e in events:
             kind = e.get("type")
             if kind == "finished" and self._observe:
                 prompt = e.get("prompt_tokens")
                 self._observe(e.get("model", ""), e.get("cls", ""), int(e.get("out") or 0),
                               int(prompt) if prompt else None)
-            elif kind == "start" and starts and self._group_started:
+            elif kind == "start" and self._group_started:
                 self._group_started(e.get("gid", ""), int(event_id.split("-")[0]) / 1000)
 
     async def _run(self) -> None:
