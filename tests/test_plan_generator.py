@@ -4,13 +4,14 @@ model affinity, load balancing, and what it learns."""
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 
 from qlm.core import policies
 from qlm.core.estimator import InstanceThroughput, WaitEstimate
 from qlm.core.plan import GroupView, SloView, Snapshot, WorkerView
-from qlm.core.plan_generator import ExactLengths, PlanGenerator
+from qlm.core.plan_generator import ExactLengths, PlanGenerator, _LeastLoaded
 from qlm.engines.sim import SimProfile
 
 PROFILE = SimProfile(max_running=4, kv_capacity_tokens=1_000_000, prefill_ms_per_token=0.0,
@@ -131,6 +132,45 @@ def test_spreads_equal_groups_over_workers_of_any_fleet(n):
     loads = [len(plan.queues[w]) for w in ids[:-1]]
     assert sum(loads) == 2 * n and max(loads) - min(loads) <= 1
     assert plan.queues[ids[-1]] == []
+
+
+def test_least_loaded_tracks_every_update_like_a_full_scan():
+    rng = random.Random(0)
+    models = ("a", "b", "c")
+    workers = [WorkerView(id=f"w{i:02}", models=tuple(rng.sample(models, rng.randint(1, 3))),
+                          max_running=4, loaded=None) for i in range(24)]
+    for i, w in enumerate(workers):
+        workers[i] = dataclasses.replace(w, loaded=rng.choice(w.models))
+    load = {w.id: float(rng.randint(0, 5)) for w in workers}  # ties: the id breaks them
+    least = _LeastLoaded(workers, load.__getitem__, k=3)
+    tail = {w.id: w.loaded for w in workers}
+    for _ in range(300):
+        w = rng.choice(workers)
+        load[w.id] += rng.choice((0.0, 0.5, 2.0))
+        tail[w.id] = rng.choice(w.models)
+        least.update(w.id, tail[w.id])
+        for m in models:
+            serving = sorted((load[v.id], v.id) for v in workers if m in v.models)
+            expected = [wid for _, wid in serving[:3]]
+            expected += [wid for _, wid in [e for e in serving if tail[e[1]] == m][:3]
+                         if wid not in expected]
+            assert least.least(m) == expected
+
+
+def test_a_swap_is_never_chosen_over_a_worker_of_the_model_that_meets_the_deadline():
+    # 12 workers: more than the plan tries per group, so candidates are pruned
+    ids = [f"w{i}" for i in range(12)]
+    workers = [worker(w, models=("m", "x"), loaded="x" if i % 2 else "m")
+               for i, w in enumerate(ids)]
+    groups = tuple(group(f"g{i}", 500.0, model="m" if i % 3 else "x") for i in range(1, 40))
+    plan = generator(ids, models=("m", "x"))(Snapshot(now_ms=0, groups=groups,
+                                                      workers=tuple(workers)))
+    loaded = {w.id: w.loaded for w in workers}
+    model = {g.id: g.model for g in groups}
+    for wid, queue in plan.queues.items():
+        # every queue serves its loaded model only: no group needed a swap to be on time
+        assert {model[g] for g in queue} <= {loaded[wid]}, (wid, queue)
+    assert sum(map(len, plan.queues.values())) == len(groups)
 
 
 def test_groups_of_a_model_nobody_serves_stay_unplaced():

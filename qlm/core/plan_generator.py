@@ -33,9 +33,9 @@ feeds the output-length statistics and the estimator's calibration.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
-import heapq
 import inspect
 import math
 import time
@@ -88,52 +88,43 @@ class ExactLengths(OutputLengthStats):
 
 class _LeastLoaded:
     """Workers by a load key, per model they can serve and per model at their queue's tail,
-    with lazy updates: the plan generator tries only the few least loaded workers of each
-    kind for a group instead of all of them (O(log W) per group, not O(W))."""
+    each kind a sorted list: the plan generator tries only the few least loaded workers of
+    each kind for a group instead of all of them. A placement changes one worker's load, so
+    an update moves its entries (bisect; the lists are one entry per worker)."""
 
     def __init__(self, workers, load: Callable[[str], float], k: int):
         self.load = load
-        self.version = {w.id: 0 for w in workers}
         self.models = {w.id: w.models for w in workers}
         self.k, self.small = k, len(self.models) <= 2 * k
         # every model some worker can serve, in the workers' order, and who can serve it
         self.served = list(dict.fromkeys(m for ms in self.models.values() for m in ms))
         self.can = {m: [w for w, ms in self.models.items() if m in ms] for m in self.served}
-        self.by_model: dict[str, list] = {}
+        self.by_model: dict[str, list] = {m: [] for m in self.served}
         self.by_tail: dict[str, list] = {}
         self.tail: dict[str, str] = {}
+        self.entry: dict[str, tuple[float, str]] = {}  # each worker's (load, id) in the lists
         for w in workers:
             self.update(w.id, w.loaded)
 
     def update(self, wid: str, tail_model: str) -> None:
-        self.version[wid] += 1
-        self.tail[wid] = tail_model
+        old_tail, self.tail[wid] = self.tail.get(wid), tail_model
         if self.small:  # least() tries every worker: no need to know their loads
             return
-        entry = (self.load(wid), wid, self.version[wid])
-        for m in self.models[wid]:
-            heapq.heappush(self.by_model.setdefault(m, []), entry)
-        heapq.heappush(self.by_tail.setdefault(tail_model, []), entry)
+        old, self.entry[wid] = self.entry.get(wid), (self.load(wid), wid)
+        lists = [self.by_model[m] for m in self.models[wid]]
+        if old is not None:
+            for lst in (*lists, self.by_tail[old_tail]):
+                del lst[bisect.bisect_left(lst, old)]
+        for lst in (*lists, self.by_tail.setdefault(tail_model, [])):
+            bisect.insort(lst, self.entry[wid])
 
     def least(self, model: str) -> list[str]:
         """Up to k least loaded workers that can serve `model`, and up to k of those whose
         queue ends with it (no swap)."""
         if self.small:  # a small fleet: try every worker
             return self.can.get(model, [])
-        out: list[str] = []
-        for heap in (self.by_model.get(model, []), self.by_tail.get(model, [])):
-            kept = []
-            while heap and len(kept) < self.k:
-                entry = heapq.heappop(heap)
-                _, wid, version = entry
-                if version != self.version[wid] or model not in self.models[wid]:
-                    continue  # stale
-                if heap is self.by_tail.get(model) and self.tail[wid] != model:
-                    continue
-                kept.append(entry)
-            for entry in kept:
-                heapq.heappush(heap, entry)
-            out += [wid for _, wid, _ in kept if wid not in out]
+        out = [wid for _, wid in self.by_model.get(model, ())[:self.k]]
+        out += [wid for _, wid in self.by_tail.get(model, ())[:self.k] if wid not in out]
         return out
 
 
@@ -295,7 +286,13 @@ class PlanGenerator:
             queued = self._queued(g)
             budget = g.deadline_ms / 1000 - now_s
             best, best_key, best_estimate = None, None, None
-            for wid in candidates:
+            # those with g's model at their tail first: once one of them meets the deadline no
+            # swap can beat it (the key below), and a swap's wait need not be read (exact: the
+            # order within each kind, so the tie-break, is kept)
+            for wid in sorted(candidates, key=lambda w: tail_model[w] != g.model):
+                if best_key is not None and best_key[:2] == (False, False) \
+                        and tail_model[wid] != g.model:
+                    break
                 estimate = waits[wid].next_wait(queued)
                 q = estimate.quantile(self.z)
                 key = (q > budget, tail_model[wid] != g.model, q)
