@@ -120,3 +120,16 @@ def test_planner_bench_reports_each_policy_and_size(monkeypatch, tmp_path):
     plan = planner.qlm_policy(4)(snap)
     assert sorted(g for q in plan.queues.values() for g in q) == sorted(g.id for g in
                                                                        snap.groups)
+
+
+def test_qlm_runs_report_the_coverage_of_the_waits_they_were_unsure_of(trace, profiles):
+    runs = bench_sim.run(str(trace), "wa", ["qlm"], [8.0], profiles_dir=profiles,
+                         progress=False)
+    r = runs[0]
+    n = r["estimator_uncertain_count"]
+    # overloaded: many waits queue behind others, some with a quantile past their sure part
+    assert n > 0 and 0 < r["estimator_uncertain_share"] < 1
+    assert 0 <= r["estimator_coverage_uncertain"] <= 1
+    row = next(line for line in bench_sim.table(runs, ["qlm"]).splitlines()
+               if line.startswith("qlm"))
+    assert f"{r['estimator_coverage_uncertain']:.3f} ({n:>5})" in row

@@ -672,7 +672,12 @@ def test_calibration_reports_the_uncertain_waits_apart():
         cal.record(sure, actual)
     cal.record(unsure, 5.0)
     cal.record(unsure, 20.0)
-    assert cal.coverage() == pytest.approx(4 / 5)
+    # a spread, but so skewed that the start is sure at the confidence: its quantile is the
+    # sure part, so it is a right-or-wrong call like a sure start, not a quantile to calibrate
+    skewed = WaitEstimate(mean=0.011, std=0.5, fixed=0.01)
+    assert skewed.quantile(cal.z) == pytest.approx(skewed.fixed)
+    cal.record(skewed, 0.01)
+    assert cal.coverage() == pytest.approx(5 / 6)
     assert (cal.uncertain, cal.coverage_uncertain()) == (2, 0.5)
     assert math.isnan(Calibration().coverage_uncertain())
 
