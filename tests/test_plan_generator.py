@@ -173,6 +173,56 @@ def test_a_swap_is_never_chosen_over_a_worker_of_the_model_that_meets_the_deadli
     assert sum(map(len, plan.queues.values())) == len(groups)
 
 
+@pytest.mark.parametrize("y_deadline_s, moves", [(40.0, True), (30.5, False)])
+def test_loose_work_of_a_model_moves_to_the_worker_serving_it(y_deadline_s, moves):
+    # w0 serves m and has room; w1 runs x, busy for 3 s. Deadline order puts y behind m's
+    # small group on w0 (a swap either way, w0 is free sooner), so the loose m group finds
+    # no m tail and goes by load to w1, behind a swap
+    models = ("m", "x", "y")
+    workers = (WorkerView(id="w0", models=models, max_running=4, loaded="m"),
+               WorkerView(id="w1", models=models, max_running=4, loaded="x",
+                          running_work=(("c", 0, 300),) * 4))
+    groups = (group("g1", 20.0, queued=1, tokens=10, model="m"),
+              group("g2", y_deadline_s, queued=4, tokens=100, model="y"),
+              group("g3", 1000.0, queued=4, tokens=100, model="m"))
+    snap = Snapshot(now_ms=0, groups=groups, workers=workers)
+    unmerged = generator(("w0", "w1"), models=models)
+    unmerged.max_merges = 0
+    assert unmerged(snap).queues == {"w0": ["g1", "g2"], "w1": ["g3"]}
+    pulling = generator(("w0", "w1"), models=models)
+    assert pulling(snap).queues == unmerged(snap).queues  # off by default
+    pulling.pull_elsewhere = True
+    plan = pulling(snap)
+    if moves:  # w0 serves it now, and y's group still has room for the second of work
+        assert plan.queues == {"w0": ["g1", "g3", "g2"], "w1": []}
+    else:  # 30.5 s: g2 starts after the 30 s swap on time only if nothing goes before it
+        assert plan.queues == {"w0": ["g1", "g2"], "w1": ["g3"]}
+
+
+@pytest.mark.parametrize("head_deadline_s, moves", [(10.0, False), (30.0, True)])
+def test_work_moved_in_leaves_the_head_time_to_prefill_its_prompts(head_deadline_s, moves):
+    # as above, with 1 ms of prefill per prompt token: the loose m group's 16,000 tokens
+    # take 16 s, prefilled in the step that starts g1, so g1 (at once) would see its first
+    # token only then
+    profile = dataclasses.replace(PROFILE, prefill_ms_per_token=1.0)
+    models = ("m", "x", "y")
+    tp = InstanceThroughput()
+    for w in ("w0", "w1"):
+        for m in models:
+            tp.set_profile(w, m, profile)
+    workers = (WorkerView(id="w0", models=models, max_running=4, loaded="m"),
+               WorkerView(id="w1", models=models, max_running=4, loaded="x",
+                          running_work=(("c", 0, 300),) * 4))
+    groups = (group("g1", head_deadline_s, queued=1, tokens=10, model="m"),
+              group("g2", 60.0, queued=4, tokens=100, model="y"),
+              dataclasses.replace(group("g3", 1000.0, queued=4, tokens=100, model="m"),
+                                  prompt_tokens=16_000))
+    plan = PlanGenerator(tp, ExactLengths(), swap_s=lambda w: 30.0, pull_elsewhere=True)(
+        Snapshot(now_ms=0, groups=groups, workers=workers))
+    assert ("g3" in plan.queues["w0"]) is moves
+    assert plan.queues["w0"][:1] == ["g1"]
+
+
 def test_groups_of_a_model_nobody_serves_stay_unplaced():
     snap = Snapshot(now_ms=0, groups=(group("g1", 10.0, model="zz"),), workers=(worker("w0"),))
     plan = generator()(snap)
