@@ -414,57 +414,55 @@ class PlanGenerator:
         def fits(gid) -> bool:  # a draining head takes only work as tight as any queued
             return end > 0 or objectives.get(groups[gid].slo_class, 0.0) <= queued_tightest
 
-        # a batch prefills the prompts it pulls in one step, so the groups at the head, which
-        # start at once, get their first token only after the prompts of the work moved in
-        # behind them: that work may take only the room they have (wb at 1x: 60 s groups
-        # started 5 s before their deadline and met it 2 s late, behind 7 s of prompts)
-        # (measured with pull_elsewhere only, whose moves fill whole batches; without it the
-        # moves are fewer and the room is not checked)
         prefill_s = self.estimator.throughput.prefill_s_per_token(w.id, model)
-        prefill_room = min((groups[gid].deadline_ms / 1000 - now_s
-                            - self._latest[gid][0].quantile(self.z) for gid in queue[:end]),
-                           default=math.inf) \
-            - prefill_s * sum(groups[gid].prompt_tokens for gid in queue[:end]) \
-            if self.pull_elsewhere else math.inf
+        prefill_room = self._prefill_room(queue[:end], prefill_s, now_s)
         moved = 0
         for _ in range(self.max_merges):
-            j = next((k for k in range(end + 1, len(queue))
-                      if groups[queue[k]].model == model and fits(queue[k])), None)
-            if j is not None:
-                prefill_room -= prefill_s * groups[queue[j]].prompt_tokens
-                if prefill_room < 0:
-                    break
-                order = queue[:end] + [queue[j]] + queue[end:j] + queue[j + 1:]
-                rebuilt = self._estimate_queue(w, order, end, j + 1, now_s, newcomers)
-            elif not self.pull_elsewhere:
-                break
-            else:
-                # only to fill the batch: beyond that it would sit in w's queue, pushing w's
-                # other work to the edge of its deadlines for no step saved
-                if w.running + sum(groups[gid].queued for gid in queue[:end]) \
-                        >= w.max_running:
-                    break
+            src, k = None, next((k for k in range(end + 1, len(queue))
+                                 if groups[queue[k]].model == model and fits(queue[k])), None)
+            # with none left in w's queue, from another's, only to fill the batch: beyond that
+            # it would sit in w's queue, pushing w's other work to the edge of its deadlines
+            if k is None and self.pull_elsewhere and w.running + sum(
+                    groups[gid].queued for gid in queue[:end]) < w.max_running:
                 src, k = self._queued_elsewhere(w, plan, model, fits, views)
-                if src is None:
-                    break
-                prefill_room -= prefill_s * groups[plan.queues[src][k]].prompt_tokens
-                if prefill_room < 0:
-                    break
-                order = queue[:end] + [plan.queues[src][k]] + queue[end:]
-                rebuilt = self._estimate_queue(w, order, end, len(order), now_s, newcomers)
+            if k is None:
+                break
+            source = queue if src is None else plan.queues[src]
+            gid = source[k]
+            prefill_room -= prefill_s * groups[gid].prompt_tokens
+            if prefill_room < 0:
+                break
+            rest = source[:k] + source[k + 1:]
+            # the groups it passes: in w's queue up to where it was, or all of w's queue
+            order, last = (rest[:end] + [gid] + rest[end:], k + 1) if src is None else \
+                (queue[:end] + [gid] + queue[end:], len(queue) + 1)
+            rebuilt = self._estimate_queue(w, order, end, last, now_s, newcomers)
             if rebuilt is None:
                 break  # a later group would pass the same ones
-            if j is None:  # the group leaves src's queue: re-read the waits behind it there
-                rest = plan.queues[src][:k] + plan.queues[src][k + 1:]
+            if src is not None:  # it leaves src's queue: re-read the waits behind it there
                 waits[src], behind = self._estimate_queue(views[src], rest, k, k, now_s)
-                plan.queues[src][:] = rest
-                self._latest.update((gid, (e, now_s)) for gid, e in behind.items())
+                source[:] = rest
+                self._latest.update((g, (e, now_s)) for g, e in behind.items())
             waits[w.id], estimates = rebuilt
             queue[:] = order
-            self._latest.update((gid, (e, now_s)) for gid, e in estimates.items())
+            self._latest.update((g, (e, now_s)) for g, e in estimates.items())
             end, moved = end + 1, moved + 1
         if moved and tightest is not None and self.pull_elsewhere:
             self._readmit(w, queue, tightest, now_s)
+
+    def _prefill_room(self, head, prefill_s: float, now_s: float) -> float:
+        """Seconds of prompts that work moved in behind the head groups may bring. A batch
+        prefills what it pulls in one step, so the head's groups, which start at once, get
+        their first token only after the prompts moved in behind them (wb at 1x: 60 s groups
+        started 5 s before their deadline and met it 2 s late, behind 7 s of prompts).
+        Measured with pull_elsewhere only, whose moves fill whole batches; without it the
+        moves are fewer and the room is not checked (inf)."""
+        if not self.pull_elsewhere:
+            return math.inf
+        groups = self._views
+        return min((groups[gid].deadline_ms / 1000 - now_s
+                    - self._latest[gid][0].quantile(self.z) for gid in head),
+                   default=math.inf) - prefill_s * sum(groups[gid].prompt_tokens for gid in head)
 
     def _readmit(self, w: WorkerView, queue, tightest: tuple[str, float], now_s: float):
         """Re-reads, after merges on w, where a request of the tightest class arriving now
