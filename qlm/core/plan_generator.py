@@ -195,7 +195,7 @@ class PlanGenerator:
         # groups one plan may move forward into each worker's head segment (0: none)
         self.max_merges = max_merges
         # and whether a worker may take them from other workers' queues too (see
-        # _merge_into_head: +4-8 % throughput on wb at 1x, -0.1-0.2 points of its 60 s class)
+        # _merge_into_head: +4-8 % throughput on wb at 1x, -0.1-0.3 points of its 60 s class)
         self.pull_elsewhere = pull_elsewhere
         self.resume_s_per_token = resume_s_per_token or throughput.prefill_s_per_token
         # SLO class -> its TTFT objective, seconds: where in the plan a new request of each
