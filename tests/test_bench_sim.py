@@ -135,12 +135,12 @@ def test_qlm_runs_report_the_coverage_of_the_waits_they_were_unsure_of(trace, pr
     assert f"{r['estimator_coverage_uncertain']:.3f} ({n:>5})" in row
 
 
-def test_the_simulator_knows_qlm_pull(trace, profiles):
+def test_the_simulator_knows_qlm_nopull(trace, profiles):
     for name in ("a100-mistral-7b", "a100-vicuna-13b"):  # wb: three models that swap
         shutil.copy(PROFILES / "sim-small.yaml", profiles / f"{name}.yaml")
-    runs = bench_sim.run(str(trace), "wb", ["qlm-pull"], [2.0], profiles_dir=profiles,
+    runs = bench_sim.run(str(trace), "wb", ["qlm-nopull"], [2.0], profiles_dir=profiles,
                          progress=False, limit=120)
-    assert runs[0]["policy"] == "qlm-pull" and runs[0]["completed"] == runs[0]["requests"]
-    policy = bench_sim.make_policy("qlm-pull", [], {})
-    assert policy.pull_elsewhere is True and bench_sim.make_policy("qlm", [], {}).pull_elsewhere \
-        is False
+    assert runs[0]["policy"] == "qlm-nopull" and runs[0]["completed"] == runs[0]["requests"]
+    assert bench_sim.make_policy("qlm-nopull", [], {}).pull_elsewhere is False
+    assert bench_sim.make_policy("qlm", [], {}).pull_elsewhere is True
+    assert bench_sim.make_policy("oracle", [], {}).pull_elsewhere is True

@@ -28,6 +28,7 @@ class Profile:  # the fields of SimProfile the estimator reads
     decode_step_ms: float = 20.0
     decode_ms_per_seq: float = 0.0
     kv_capacity_tokens: int = 1 << 30
+    max_batched_tokens: int = 0
 
 
 def estimator(stats=None, profile=None, **kw) -> WaitingTimeEstimator:
@@ -343,6 +344,31 @@ def test_throughput_prior_comes_from_the_profile():
     assert tp.step_s("w", "m", 32) == pytest.approx(0.046)
     assert tp.decode_rate("w", "m") == pytest.approx(32 / 0.046)
     assert tp.prefill_s_per_token("w", "m") == pytest.approx(0.0004)
+
+
+def test_an_engine_that_prefills_in_chunks_makes_every_group_wait_for_the_prompts_ahead():
+    whole = Profile(max_running=4, decode_step_ms=20, prefill_ms_per_token=1)
+    chunked = dataclasses.replace(whole, max_batched_tokens=104)
+    # a chunk is what the budget leaves beside a full batch's decodes, 100 tokens, and its step
+    # also decodes the batch: 100 ms of prompt + 20 ms, over 100 tokens
+    assert InstanceThroughput(chunked).prefill_s_per_token("w", "m") == pytest.approx(0.0012)
+    assert InstanceThroughput(whole).prefill_s_per_token("w", "m") == pytest.approx(0.001)
+    # groups of 150 prompt tokens on an idle instance with slots for all. Prefilled whole,
+    # all start in the first step. In chunks, a group is admitted at the first step end with
+    # under a chunk of prompts ahead of it: the second after one step (50 left), the third
+    # after three (300 ahead)
+    assert [w.mean for w in estimator(profile=whole).estimate("w", queue(1, 1, 1, prompt=150))
+            ] == [0, 0, 0]
+    waits = estimator(profile=chunked).estimate("w", queue(1, 1, 1, prompt=150))
+    assert [w.fixed for w in waits] == pytest.approx([0, 0.12, 0.36])
+    assert [w.mean for w in waits] == pytest.approx([0, 0.12, 0.36])
+    # prompts the batch still owes count as ahead of the queue (less than a chunk: the plan
+    # generator's ready_s waits out the rest)
+    est = estimator(profile=chunked)
+    owing = est.queue("w", "m", owed_tokens=60)
+    for g, fixed in zip(queue(1, 1, prompt=50), [0, 0.12], strict=True):
+        assert owing.next_wait(g).fixed == pytest.approx(fixed)
+        owing.append(g)
 
 
 def test_throughput_learns_a_faster_instance_online():

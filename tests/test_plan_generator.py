@@ -114,6 +114,26 @@ def test_work_starts_no_sooner_than_the_plan_is_in_force():
     assert gen.ready_s(busy) == pytest.approx(0.034)
 
 
+def test_new_work_waits_for_the_prompts_a_chunked_prefill_still_owes():
+    # steps of 10 ms hold 104 tokens: 100 of prompt beside the 4 decodes at 1 ms a token, so a
+    # step that prefills a chunk takes 110 ms. With 350 owed, new work is admitted at the first
+    # step end with under 100 left: after three chunk steps
+    chunked = dataclasses.replace(PROFILE, prefill_ms_per_token=1.0, max_batched_tokens=104)
+    tp = InstanceThroughput()
+    tp.set_profile("w0", "m", chunked)
+    gen = PlanGenerator(tp, ExactLengths())
+    owing = dataclasses.replace(busy_worker(), ready_in_s=0.004, prefill_tokens=350)
+    assert gen.ready_s(owing) == pytest.approx(0.004 + 3 * 0.110)
+    less = dataclasses.replace(owing, prefill_tokens=99)
+    assert gen.ready_s(less) == 0.004
+    # a plan in force only after 200 ms: the steps until then prefill the rest (99 ms), then
+    # decode (10 ms each)
+    gen._compute_s.append(0.2)
+    assert gen.ready_s(less) == pytest.approx(0.004 + 0.109 + 9 * 0.010)
+    # prefilled whole, nothing is owed beyond the step under way
+    assert generator().ready_s(owing) == 0.004
+
+
 def test_spreads_equal_groups_over_workers():
     snap = Snapshot(now_ms=0, groups=tuple(group(f"g{i}", 100.0) for i in range(1, 9)),
                     workers=(worker("w0"), worker("w1")))
@@ -189,22 +209,25 @@ def test_loose_work_of_a_model_moves_to_the_worker_serving_it(y_deadline_s, move
     unmerged = generator(("w0", "w1"), models=models)
     unmerged.max_merges = 0
     assert unmerged(snap).queues == {"w0": ["g1", "g2"], "w1": ["g3"]}
-    pulling = generator(("w0", "w1"), models=models)
-    assert pulling(snap).queues == unmerged(snap).queues  # off by default
-    pulling.pull_elsewhere = True
-    plan = pulling(snap)
+    unpulled = generator(("w0", "w1"), models=models)
+    unpulled.pull_elsewhere = False
+    assert unpulled(snap).queues == unmerged(snap).queues
+    plan = generator(("w0", "w1"), models=models)(snap)  # pulls by default
     if moves:  # w0 serves it now, and y's group still has room for the second of work
         assert plan.queues == {"w0": ["g1", "g3", "g2"], "w1": []}
     else:  # 30.5 s: g2 starts after the 30 s swap on time only if nothing goes before it
         assert plan.queues == {"w0": ["g1", "g2"], "w1": ["g3"]}
 
 
-@pytest.mark.parametrize("head_deadline_s, moves", [(10.0, False), (30.0, True)])
-def test_work_moved_in_leaves_the_head_time_to_prefill_its_prompts(head_deadline_s, moves):
+@pytest.mark.parametrize("head_deadline_s, chunks, moves", [
+    (10.0, 0, False), (30.0, 0, True), (10.0, 104, True)])
+def test_work_moved_in_leaves_the_head_time_to_prefill_its_prompts(head_deadline_s, chunks,
+                                                                    moves):
     # as above, with 1 ms of prefill per prompt token: the loose m group's 16,000 tokens
     # take 16 s, prefilled in the step that starts g1, so g1 (at once) would see its first
-    # token only then
-    profile = dataclasses.replace(PROFILE, prefill_ms_per_token=1.0)
+    # token only then. An engine that prefills in chunks (max_batched_tokens) does g1's
+    # prompt first, whatever comes in behind it
+    profile = dataclasses.replace(PROFILE, prefill_ms_per_token=1.0, max_batched_tokens=chunks)
     models = ("m", "x", "y")
     tp = InstanceThroughput()
     for w in ("w0", "w1"):

@@ -81,3 +81,18 @@ async def test_the_next_leader_reads_waits_as_calibrated_as_the_last(store, tmp_
     assert second.policy.calibration.spread() == 1.0
     await second._take_lead()
     assert second.leader and second.policy.calibration.spread() == spread
+
+
+async def test_the_snapshot_counts_the_prompts_a_worker_still_owes_a_first_token(store):
+    from services.planner.loop import take_snapshot
+
+    for rid in ("a", "b", "c"):
+        await enq(store, rid, model="small", kind="small:interactive:0", prompt_tokens=100)
+    assert await claim_ids(store, "w1", 3, models=("small",)) == ["a", "b", "c"]
+    await store.heartbeat("w1", ttl_ms=60_000, lease_ms=60_000, address="x", engine="sim",
+                          models=["small"], max_running=8, running=["a", "b", "c"])
+    await store.append("a", "w1", 0, [1, 2], "xy")  # a has its first tokens: b and c owe
+    snap = await take_snapshot(store, await store.alive_workers())
+    (w1,) = snap.workers
+    assert len(w1.running_requests) == 3
+    assert w1.prefill_tokens == 200

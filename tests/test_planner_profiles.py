@@ -32,8 +32,8 @@ def test_vllm_stack_plans_with_the_measured_profile_and_the_workers_batch_limit(
     assert tp.batch("w1", "large") == measured.max_running
 
 
-def test_qlm_pull_is_qlm_with_pulling_from_other_queues_on():
+def test_qlm_nopull_is_qlm_without_pulling_from_other_queues():
     cfg = qlm_config.load(ROOT / "deploy" / "vllm-cpu.yaml")
-    assert build_policy(cfg, "qlm").pull_elsewhere is False
-    pull = build_policy(cfg, "qlm-pull")
-    assert pull.pull_elsewhere is True and pull.name == "qlm-pull"
+    assert build_policy(cfg, "qlm").pull_elsewhere is True
+    nopull = build_policy(cfg, "qlm-nopull")
+    assert nopull.pull_elsewhere is False and nopull.name == "qlm-nopull"

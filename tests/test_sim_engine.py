@@ -158,6 +158,30 @@ async def test_step_time_models_prefill_and_batch_size(make_engine):
     assert batch.sim_time_ms == pytest.approx(0.5 * 20 + 10 * (2.0 + 4.0))
 
 
+async def test_chunked_prefill_holds_a_step_to_max_batched_tokens(make_engine):
+    # "a" (2 prompt tokens, 10 out) and "b" (20, 3) together under a budget of 8 tokens a step:
+    # step 1 prefills a's 2 and 6 of b's (8 ms at 2 sequences); steps 2 and 3 decode a and
+    # prefill 7 of b's each (7.5 ms); b then decodes in steps 3-5 (4 ms each, 2 sequences) and a
+    # alone in 6-10 (3 ms): 10 steps in all
+    engine = await make_engine(max_batched_tokens=8)
+    a, b = await asyncio.gather(run(engine, req("a", max_tokens=10, prompt="hi")),
+                                run(engine, req("b", max_tokens=3, prompt="x" * 20)))
+    assert (len(tokens(a)), len(tokens(b))) == (10, 3)
+    assert engine.steps == 10
+    assert engine.sim_time_ms == pytest.approx(8 + 7.5 + 7.5 + 2 * 4 + 5 * 3)
+    # prefilled whole: 22 prompt tokens in step 1 (15 ms), then 2 steps of 4 ms and 7 of 3
+    whole = await make_engine()
+    await asyncio.gather(run(whole, req("a", max_tokens=10, prompt="hi")),
+                         run(whole, req("b", max_tokens=3, prompt="x" * 20)))
+    assert whole.sim_time_ms == pytest.approx(15 + 2 * 4 + 7 * 3)
+
+
+@pytest.mark.parametrize("budget", [3, -1, True, 2.5])
+def test_a_step_budget_under_a_full_batch_is_refused(budget):
+    with pytest.raises(ConfigError, match="max_batched_tokens"):
+        dataclasses.replace(PROFILE, max_batched_tokens=budget)
+
+
 async def test_time_scale_stretches_wall_time(make_engine):
     async def wall_time(time_scale):
         engine = await make_engine(time_scale=time_scale, decode_step_ms=20.0)

@@ -52,6 +52,22 @@ def test_prefill_and_batch_cost_follow_the_profile():
     assert [r.finish_s for r in res.requests] == pytest.approx([0.06, 0.06])  # + 20 ms
 
 
+@pytest.mark.parametrize("fold", [True, False])
+def test_chunked_prefill_gives_a_short_prompt_its_first_token_before_a_long_one(fold):
+    # a step holds 100 tokens (max_batched_tokens): a decode token per decoding request, the
+    # rest prompt chunks in admission order; 0.1 ms per prompt token, 10 ms per step
+    requests = [req(0, 0.0, 5, prompt=50, deadline=30.0), req(1, 0.0, 2, prompt=250)]
+    res = run(requests, "edf", prefill_ms_per_token=0.1, max_batched_tokens=100, fold_steps=fold)
+    # 50 + 50 tokens (20 ms): 0 has its first token; 99, 99 (19.9 ms each) beside its decode;
+    # then 1's last 2 (10.2 ms): its first token; one more step of 10 ms ends both
+    assert [r.first_token_s for r in res.requests] == pytest.approx([0.02, 0.07])
+    assert [r.finish_s for r in res.requests] == pytest.approx([0.08, 0.08])
+    # prefilled whole, both wait for all 300 prompt tokens (40 ms)
+    res = run(requests, "edf", prefill_ms_per_token=0.1, fold_steps=fold)
+    assert [r.first_token_s for r in res.requests] == pytest.approx([0.04, 0.04])
+    assert [r.finish_s for r in res.requests] == pytest.approx([0.08, 0.05])
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "edf"])
 def test_folding_steps_changes_no_timing(policy):
     rng = random.Random(7)

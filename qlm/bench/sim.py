@@ -57,7 +57,7 @@ def tpot_met(r) -> bool | None:
     return (r.finish_s - r.first_token_s) / (s.output_length - 1) <= s.tpot_deadline_s
 
 
-QLM_NAMES = ("qlm", "oracle", "qlm-noevict", "qlm-cpsat", "qlm-tpot", "qlm-pull")
+QLM_NAMES = ("qlm", "oracle", "qlm-noevict", "qlm-cpsat", "qlm-tpot", "qlm-nopull")
 POLICY_NAMES = (*policies.NAMES, *QLM_NAMES)
 
 
@@ -87,7 +87,7 @@ def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
                               max_evictions=0 if name == "qlm-noevict" else 8,
                               resume_s_per_token=resume_s_per_token, slo_deadlines_s=deadlines,
                               tpot_limits=name == "qlm-tpot",
-                              pull_elsewhere=name == "qlm-pull",
+                              pull_elsewhere=name != "qlm-nopull",
                               cold_swap_s=lambda worker, model: cold_s[worker][model])
     # qlm-cpsat: the same greedy plan, then CP-SAT's refinement of it (qlm/core/cpsat.py)
     return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator

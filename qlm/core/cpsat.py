@@ -77,9 +77,7 @@ class _Scorer:
     def fresh(self, wid: str):
         """The estimator's empty virtual queue of `wid`, as the greedy plan starts it."""
         w = self.workers[wid]
-        return self.gen.estimator.queue(
-            wid, w.loaded or None, [(c, g, m or None) for c, g, m in w.running_work],
-            self.gen.swap_s(wid), self.gen.ready_s(w), self.gen._cold(w))
+        return self.gen._empty_queue(w, [(c, g, m or None) for c, g, m in w.running_work])
 
     def queue(self, wid: str, gids) -> tuple[int, int, int, dict, dict]:
         """(met, total, swaps, gid -> slack s, gid -> WaitEstimate) of one virtual queue."""

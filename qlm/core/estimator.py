@@ -28,6 +28,11 @@ Choices beyond the paper, each for a known weakness of the published estimator:
   stream), blended with their known remaining lengths by 1/b (exact for b = 1). Charging all
   work ahead at W / rate, as the published estimator does, overestimates the wait of the first
   groups by up to a batch's work.
+- Chunked prefill (vLLM's max_num_batched_tokens, in the profile): a step holds one token per
+  decoding sequence and prompt chunks in admission order, and admits new requests only while
+  less than a chunk of prompts is left. So a group starts at the first step end with under a
+  chunk of prompts ahead of it (those the batch still owes, then the queue's), free slots or
+  not, and each step until then prefills a whole chunk: a sure wait of whole steps.
 - A model change first drains the instance: its end is the fluid drain time or, when later, the
   end of the longest of the last k in flight (quantiles of the max of k lengths; heavy tails
   make the drain last much longer than its average work), then the swap time is added.
@@ -41,6 +46,7 @@ Choices beyond the paper, each for a known weakness of the published estimator:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections import Counter, deque
@@ -110,8 +116,32 @@ class InstanceThroughput:
         b = self.batch(worker, model) if batch is None else batch
         return b / self.step_s(worker, model, b)
 
-    def prefill_s_per_token(self, worker: str, model: str) -> float:
+    def prompt_s_per_token(self, worker: str, model: str) -> float:
+        """What one prompt token adds to the step that prefills it."""
         return self.profile(worker, model).prefill_ms_per_token / 1000.0 / self.speed(worker, model)
+
+    def chunked(self, worker: str, model: str) -> bool:
+        """Whether the engine prefills prompts in chunks (its profile's max_batched_tokens)."""
+        return bool(getattr(self.profile(worker, model), "max_batched_tokens", 0))
+
+    def prefill_chunk_tokens(self, worker: str, model: str, budget: float = math.inf,
+                             batch: int | None = None) -> float:
+        """Prompt tokens one step prefills beside a batch (default: a full one): what the
+        engine's budget leaves after the decodes' token each, or `budget` if smaller; inf:
+        every prompt admitted, whole."""
+        b = self.batch(worker, model) if batch is None else batch
+        engine = getattr(self.profile(worker, model), "max_batched_tokens", 0)
+        return max(min(budget, engine - b if engine else math.inf), 1)
+
+    def prefill_s_per_token(self, worker: str, model: str, budget: float = math.inf,
+                            batch: int | None = None) -> float:
+        """Wall time per prompt token of a queue's prefill. In chunks (see
+        prefill_chunk_tokens) each chunk's step also decodes the batch, and the work behind
+        waits for that step too; whole, a prompt costs only its tokens."""
+        b = self.batch(worker, model) if batch is None else batch
+        chunk = self.prefill_chunk_tokens(worker, model, budget, b)
+        per_token = self.prompt_s_per_token(worker, model)
+        return per_token if chunk == math.inf else per_token + self.step_s(worker, model, b) / chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +211,7 @@ class _Segment:
 
     def __init__(self, batch: int, slots: int | None = None, kv_cap: float = 0.0):
         self.batch, self.n, self.prefill = batch, 0, 0.0
+        self.prefill_tokens = 0  # prompts ahead, in tokens (a chunked prefill's steps)
         self.slots, self.kv_cap = slots or batch, kv_cap
         self.mean = self.var = self.left = self.left_var = 0.0  # left: running ones' remainder
         self.kv = self.kv_var = 0.0  # KV cache its requests hold (mean, variance), tokens
@@ -210,6 +241,12 @@ class _Segment:
         if member not in self.members:
             self.members[member] = None
             self._order.append(member)
+
+    def copy(self) -> _Segment:
+        c = copy.copy(self)
+        c.kv_se, c.se, c.members = dict(self.kv_se), dict(self.se), dict(self.members)
+        c._longest, c._order = dict(self._longest), list(self._order)
+        return c
 
     def slot_frac(self, need=None) -> tuple[tuple[float, float], ...]:
         """When a request needing `need` = (mean, variance, key, se) tokens of KV cache can
@@ -289,12 +326,13 @@ class WaitingTimeEstimator:
         return out
 
     def queue(self, worker: str, model: str | None, running=(), swap_s: float = 0.0,
-              ready_s: float = 0.0, cold_s=None):
+              ready_s: float = 0.0, cold_s=None, owed_tokens: int = 0):
         """An empty virtual queue of `worker` with `model` loaded and `running` in its batch,
         to be filled one group at a time (QueueWaits): what a plan generator needs to try a
         group at the end of every queue without re-estimating the whole queue. cold_s: model
-        -> its load time for the models the worker does not hold warm (swap_s: the others)."""
-        return QueueWaits(self, worker, model, running, swap_s, ready_s, cold_s)
+        -> its load time for the models the worker does not hold warm (swap_s: the others).
+        owed_tokens: prompt tokens the batch still has to prefill at ready_s (chunked)."""
+        return QueueWaits(self, worker, model, running, swap_s, ready_s, cold_s, owed_tokens)
 
 
 class QueueWaits:
@@ -302,16 +340,13 @@ class QueueWaits:
     it came next, `append(g)` puts it there."""
 
     def __init__(self, est: WaitingTimeEstimator, worker: str, model, running, swap_s: float,
-                 ready_s: float = 0.0, cold_s=None):
+                 ready_s: float = 0.0, cold_s=None, owed_tokens: int = 0):
         self.est, self.worker, self.loaded, self.swap_s = est, worker, model, swap_s
         # a model's first load is cold (from disk: 30 s for a 7B where a warm one takes 1 s);
         # once loaded it stays warm, so only the first swap to it along the queue pays that
         self.cold_s = dict(cold_s or {})
-        # under a step limit (qlm/core/tpot.py) prompts are prefilled in chunks and a group
-        # starts only once the chunks ahead of it are done, free slots or not
-        chunked = getattr(est.throughput, "chunked", None)
-        self.chunked = bool(chunked and chunked(worker))
         tp, ls = est.throughput, est.lengths
+        self._set_model(model)
         self.base_mean = self.base_var = 0.0
         # deterministic delays: swaps along the queue, and the engine's step under way (it
         # takes new work only at a step boundary, however free its slots)
@@ -351,6 +386,8 @@ class QueueWaits:
             self.seg = _Segment(tp.batch(worker, model, kv / n if kv else None),
                                 tp.batch(worker, model),
                                 tp.kv_capacity(worker, model) if known else 0.0)
+            if self.chunked:
+                self.seg.prefill_tokens = owed_tokens
         w = 1 / self.seg.batch
         step = tp.step_s(worker, model, self.seg.batch) if model is not None else 0.0
         for (cls, cap, band), rs in same.items():
@@ -379,6 +416,32 @@ class QueueWaits:
                     kv = kinds[r] * r[3]
                     self.seg.kv -= pr * kv
                     self.seg.kv_var += pr * (1 - pr) * kv * r[3]
+
+    def copy(self) -> QueueWaits:
+        """An independent copy: a plan generator tries orders from the same empty queue."""
+        c = copy.copy(self)
+        c.seg, c.cold_s, c._changes = self.seg.copy(), dict(self.cold_s), dict(self._changes)
+        return c
+
+    def _set_model(self, model) -> None:
+        """The prefill rates of the model the queue serves from here on. Prefilled in chunks
+        (by the engine, or under a step limit: qlm/core/tpot.py), a group starts at the first
+        step end with less than a chunk of prompts ahead of it, free slots or not; until then
+        every step prefills a whole chunk."""
+        tp = self.est.throughput
+        self._prefill_s = tp.prefill_s_per_token(self.worker, model) if model else 0.0
+        self.chunked = model is not None and tp.chunked(self.worker, model)
+        if self.chunked:
+            self._chunk = tp.prefill_chunk_tokens(self.worker, model)
+            self._chunk_step_s = self._chunk * self._prefill_s
+
+    def _prefill_wait(self, seg, f: float) -> float:
+        """The sure part of a group's wait that the prompts ahead of it in its segment make:
+        prefilled whole, only when it waits for a slot (f > 0: a step after theirs)."""
+        if not self.chunked:
+            return seg.prefill if f else 0.0
+        steps = math.ceil(max(0, seg.prefill_tokens - self._chunk + 1) / self._chunk)
+        return steps * self._chunk_step_s
 
     def _drain(self):
         if self._drained is None:
@@ -446,18 +509,18 @@ class QueueWaits:
         if len(cases) == 1:  # the common case, in a planner's inner loop
             f = cases[0][1]
             shared = bb + f * bs + f * f * ss
-            fixed = swaps + (seg.prefill if f or self.chunked else 0.0)
+            fixed = swaps + self._prefill_wait(seg, f)
             return WaitEstimate(base_mean + fixed + f * seg.mean,
                                 math.sqrt(base_var + f * seg.var / seg.batch + shared),
                                 fixed, self.est.tail, self.est.spread)
         mean = second = 0.0
         for p, f in cases:
             shared = bb + f * bs + f * f * ss
-            m = (seg.prefill if f or self.chunked else 0.0) + f * seg.mean
+            m = self._prefill_wait(seg, f) + f * seg.mean
             mean += p * m
             second += p * (f * seg.var / seg.batch + shared + m * m)
         # the prefill is a sure delay only when every case waits
-        fixed = swaps + (seg.prefill if self.chunked or min(f for _, f in cases) else 0.0)
+        fixed = swaps + self._prefill_wait(seg, min(f for _, f in cases))
         return WaitEstimate(
             base_mean + swaps + mean,
             math.sqrt(max(base_var + second - mean * mean, 0.0)),
@@ -471,6 +534,7 @@ class QueueWaits:
         if g.model != self.loaded:  # drain everything ahead, then swap
             self.base_mean, self.base_var, self.base_se, self.swaps = self._after_change(g.model)
             self.cold_s.pop(g.model, None)
+            self._set_model(g.model)
             self.loaded, self.seg = g.model, _Segment(
                 tp.batch(self.worker, g.model), None, tp.kv_capacity(self.worker, g.model))
         self._drained, self._terms = None, None
@@ -492,7 +556,8 @@ class QueueWaits:
             (step, g.model, g.slo_class, cap, 0, band),
             kv=(g.prompt_tokens / q + m, v, se),
         )
-        seg.prefill += g.prompt_tokens * tp.prefill_s_per_token(worker, g.model)
+        seg.prefill += g.prompt_tokens * self._prefill_s
+        seg.prefill_tokens += g.prompt_tokens
 
 
 class Calibration:

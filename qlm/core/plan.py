@@ -67,6 +67,9 @@ class WorkerView:
     # Models it holds warm (in CPU memory: swapping to them is a warm start) besides the loaded
     # one; None: unknown, every swap is priced warm.
     warm: tuple[str, ...] | None = None
+    # Prompt tokens its batch still has to prefill after the step under way (an engine that
+    # prefills in chunks admits new work only once they are nearly done).
+    prefill_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -168,7 +168,7 @@ class PlanGenerator:
         candidates: int = 4,
         max_evictions: int = 8,
         max_merges: int = 4,
-        pull_elsewhere: bool = False,
+        pull_elsewhere: bool = True,
         recalibrate: bool = True,
         resume_s_per_token: Callable[[str, str], float] | None = None,
         slo_deadlines_s: Mapping[str, float] | None = None,
@@ -195,7 +195,8 @@ class PlanGenerator:
         # groups one plan may move forward into each worker's head segment (0: none)
         self.max_merges = max_merges
         # and whether a worker may take them from other workers' queues too (see
-        # _merge_into_head: +4-8 % throughput on wb at 1x, -0.1-0.3 points of its 60 s class)
+        # _merge_into_head; on wb at 1x fcfs's throughput or more, where without it qlm fell
+        # 6 % under)
         self.pull_elsewhere = pull_elsewhere
         self.resume_s_per_token = resume_s_per_token or throughput.prefill_s_per_token
         # SLO class -> its TTFT objective, seconds: where in the plan a new request of each
@@ -206,6 +207,7 @@ class PlanGenerator:
         # Calibration.spread); False: the estimator's own quantiles
         self.recalibrate = recalibrate
         self._compute_s: collections.deque = collections.deque(maxlen=8)  # see ready_s
+        self._empty: dict = {}  # see _head_queue
         # the estimate of the plan in force for each group, and when it was made: checked
         # against the group's real wait when it starts (a later plan may move a group back
         # behind newer, tighter groups; that is the plan's doing, not the estimator's error)
@@ -235,14 +237,37 @@ class PlanGenerator:
         one's); a worker that is running a batch then takes new work at the first step end
         after that. Without this, on wb nearly all the estimator's misses were groups
         estimated to start within a few ms that started one decode step (12-35 ms) later:
-        the plan came in after the step boundary the estimate counted on."""
+        the plan came in after the step boundary the estimate counted on.
+
+        An engine that prefills in chunks admits new work only at a step end where less than
+        a chunk of its batch's prompts is left to prefill, and until then each step also
+        prefills a chunk (wb at 1x: 381 of 400 misses were such sure starts, late by a
+        decode step to a chunk's step, 13-145 ms)."""
+        return self._ready(w)[0]
+
+    def _ready(self, w: WorkerView) -> tuple[float, int]:
+        """ready_s, and the prompt tokens the batch still owes then (less than a chunk)."""
         delay = max(self._compute_s, default=0.0)
-        if delay <= w.ready_in_s:
-            return w.ready_in_s
+        t = w.ready_in_s
         if not w.running_work or not w.loaded:
-            return delay
-        step = self.estimator.throughput.step_s(w.id, w.loaded, len(w.running_work))
-        return w.ready_in_s + math.ceil((delay - w.ready_in_s) / step) * step
+            return max(t, delay), 0
+        tp, batch = self.estimator.throughput, len(w.running_work)
+        step = tp.step_s(w.id, w.loaded, batch)
+        owed = w.prefill_tokens if tp.chunked(w.id, w.loaded) else 0
+        # the budget less a token for each of the batch (the few still prefilling take none,
+        # a step's chunk is that many tokens larger: 0.1-1 ms)
+        chunk = tp.prefill_chunk_tokens(w.id, w.loaded, batch=batch)
+        per_token = tp.prompt_s_per_token(w.id, w.loaded)
+        while owed >= chunk or (owed and t < delay):
+            take = min(owed, chunk)
+            t, owed = t + step + take * per_token, owed - take
+        return (t if t >= delay else t + math.ceil((delay - t) / step) * step), owed
+
+    def _empty_queue(self, w: WorkerView, running):
+        """The estimator's virtual queue of w with nothing placed in it yet."""
+        ready_s, owed = self._ready(w)
+        return self.estimator.queue(w.id, w.loaded or None, running, self.swap_s(w.id),
+                                    ready_s, self._cold(w), owed)
 
     def __call__(self, snapshot: Snapshot) -> Plan:
         started = time.perf_counter()
@@ -260,12 +285,8 @@ class PlanGenerator:
         # the running requests are censored observations of the output lengths (L > generated)
         self.lengths.set_running(((w.loaded, self._running(w)) for w in snapshot.workers
                                   if w.loaded), now_s)
-        waits = {
-            w.id: self.estimator.queue(
-                w.id, w.loaded or None, self._running(w), self.swap_s(w.id), self.ready_s(w),
-                self._cold(w))
-            for w in snapshot.workers
-        }
+        self._empty = {}  # worker id -> its empty queue, built once a plan (see _head_queue)
+        waits = {w.id: self._head_queue(w, None) for w in snapshot.workers}
         tail_model = {w.id: w.loaded for w in snapshot.workers}
         # a worker's load: when a small group of its tail model would start there
         least = _LeastLoaded(snapshot.workers, lambda wid: waits[wid].next_wait(
@@ -414,8 +435,12 @@ class PlanGenerator:
         def fits(gid) -> bool:  # a draining head takes only work as tight as any queued
             return end > 0 or objectives.get(groups[gid].slo_class, 0.0) <= queued_tightest
 
-        prefill_s = self.estimator.throughput.prefill_s_per_token(w.id, model)
-        prefill_room = self._prefill_room(queue[:end], prefill_s, now_s)
+        tp = self.estimator.throughput
+        prefill_s = tp.prefill_s_per_token(w.id, model)
+        # prefilled in chunks, in admission order, the head's prompts go first whatever
+        # moves in behind them
+        prefill_room = math.inf if tp.chunked(w.id, model) else self._prefill_room(
+            queue[:end], prefill_s, now_s)
         moved = 0
         for _ in range(self.max_merges):
             src, k = None, next((k for k in range(end + 1, len(queue))
@@ -452,8 +477,9 @@ class PlanGenerator:
 
     def _prefill_room(self, head, prefill_s: float, now_s: float) -> float:
         """Seconds of prompts that work moved in behind the head groups may bring. A batch
-        prefills what it pulls in one step, so the head's groups, which start at once, get
-        their first token only after the prompts moved in behind them (wb at 1x: 60 s groups
+        that prefills what it pulls in one step (no chunked prefill) gives the head's groups,
+        which start at once, their first token only after the prompts moved in behind them
+        (wb at 1x: 60 s groups
         started 5 s before their deadline and met it 2 s late, behind 7 s of prompts).
         Measured with pull_elsewhere only, whose moves fill whole batches; without it the
         moves are fewer and the room is not checked (inf)."""
@@ -610,8 +636,14 @@ class PlanGenerator:
                 for r in (w.running_requests if running is None else running)]
 
     def _head_queue(self, w: WorkerView, running):
-        return self.estimator.queue(w.id, w.loaded, self._running(w, running),
-                                    self.swap_s(w.id), self.ready_s(w), self._cold(w))
+        """w's empty queue with `running` in its batch (None: the snapshot's). The snapshot's
+        is built once a plan and copied: building it reads every running request's remaining
+        output (wb at 2x: 2.4 ms, 45,000 times a run, a third of the planner's time)."""
+        if running is not None:
+            return self._empty_queue(w, self._running(w, running))
+        if w.id not in self._empty:
+            self._empty[w.id] = self._empty_queue(w, self._running(w))
+        return self._empty[w.id].copy()
 
     def _cold(self, w: WorkerView) -> dict[str, float]:
         """Load times of the models w would load cold."""

@@ -31,7 +31,7 @@ def step_limit(throughput, worker: str, model: str, tpot_s: float,
     a full batch and what prefill fits beside it, or, when a full batch leaves less than
     `min_prefill` tokens of room, the largest batch that leaves that much (at least one)."""
     full = throughput.batch(worker, model)
-    per_token = throughput.prefill_s_per_token(worker, model)
+    per_token = throughput.prompt_s_per_token(worker, model)
 
     def room(batch: int) -> int:
         left = tpot_s - throughput.step_s(worker, model, batch)
@@ -83,8 +83,8 @@ class CappedThroughput:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def chunked(self, worker: str) -> bool:
-        return worker in self.limits
+    def chunked(self, worker: str, model: str) -> bool:
+        return worker in self.limits or self.inner.chunked(worker, model)
 
     def batch(self, worker: str, model: str, tokens_per_seq: float | None = None) -> int:
         b = self.inner.batch(worker, model, tokens_per_seq)
@@ -95,14 +95,20 @@ class CappedThroughput:
         b = self.batch(worker, model) if batch is None else batch
         return b / self.inner.step_s(worker, model, b)
 
+    def prefill_chunk_tokens(self, worker: str, model: str, budget: float = math.inf,
+                             batch: int | None = None) -> float:
+        limit = self.limits.get(worker)
+        if limit is not None:
+            budget = min(budget, limit.max_prefill_tokens)
+            batch = limit.max_running if batch is None else min(batch, limit.max_running)
+        return self.inner.prefill_chunk_tokens(worker, model, budget, batch)
+
     def prefill_s_per_token(self, worker: str, model: str) -> float:
-        """Wall time per prompt token: a step of a full chunk and a full (capped) batch,
-        spread over the chunk (the decodes in it are progress the batch makes anyway, but the
-        next group cannot start before the chunks ahead of it are done)."""
-        per_token = self.inner.prefill_s_per_token(worker, model)
+        """Wall time per prompt token: chunks of at most the limit's, each in a step of a full
+        (capped) batch (the decodes in it are progress the batch makes anyway, but the next
+        group cannot start before the chunks ahead of it are done)."""
         limit = self.limits.get(worker)
         if limit is None:
-            return per_token
-        step = self.inner.step_s(worker, model, limit.max_running)
-        return max(per_token, (step + limit.max_prefill_tokens * per_token)
-                   / limit.max_prefill_tokens)
+            return self.inner.prefill_s_per_token(worker, model)
+        return self.inner.prefill_s_per_token(worker, model, limit.max_prefill_tokens,
+                                              limit.max_running)

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import random
 from collections.abc import AsyncIterator
@@ -56,6 +57,10 @@ class SimProfile:
     load_ms: float
     warm_load_ms: float
     eos_probability: float = 0.0
+    # chunked prefill (vLLM's max_num_batched_tokens): the tokens one step may hold, one per
+    # decoding sequence and the rest prompt chunks, in admission order; 0: a step prefills
+    # every prompt admitted to it whole
+    max_batched_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_running", "kv_capacity_tokens"):
@@ -68,6 +73,16 @@ class SimProfile:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if self.eos_probability > 1:
             raise ConfigError(f"eos_probability must be at most 1, got {self.eos_probability!r}")
+        budget = self.max_batched_tokens
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0 or (
+                0 < budget < self.max_running):
+            # vLLM refuses a budget under max_num_seqs too: a full batch's decodes must fit
+            raise ConfigError(f"max_batched_tokens must be 0 (no chunking) or an integer of at "
+                              f"least max_running ({self.max_running}), got {budget!r}")
+
+    def prefill_budget(self, decoding: int) -> float:
+        """Prompt tokens a step with `decoding` sequences decoding may prefill (inf: all)."""
+        return self.max_batched_tokens - decoding if self.max_batched_tokens else math.inf
 
     def step_ms(self, prefill_tokens: int, batch: int) -> float:
         """One continuous-batching step: prefill of the newly admitted prompts plus one decode
@@ -117,6 +132,7 @@ class _Seq:
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     finish_reason: str | None = None
     error: str = ""
+    prefill_left: int = 0  # prompt tokens not yet prefilled (chunked prefill)
 
     @property
     def kv_tokens(self) -> int:
@@ -337,19 +353,34 @@ class SimEngine(Engine):
         seq.finish_reason, seq.error = reason, error
         seq.ready.set()
 
-    def _admit(self) -> list[_Seq]:
-        admitted = []
+    def _admit(self) -> None:
+        decoding = sum(not s.prefill_left for s in self._running.values())
+        budget = self.profile.prefill_budget(decoding)
+        backlog = sum(s.prefill_left for s in self._running.values())
         # Strict order: a large request at the head is not overtaken by smaller ones forever.
         for seq in sorted(self._waiting.values(), key=lambda s: (s.request.priority, s.arrival)):
-            if len(self._running) >= self.profile.max_running:
+            if len(self._running) >= self.profile.max_running or backlog >= budget:
                 break
             if self._kv_used + seq.kv_tokens > self.profile.kv_capacity_tokens:
                 break
             del self._waiting[seq.request.request_id]
             self._running[seq.request.request_id] = seq
             self._kv_used += seq.kv_tokens
-            admitted.append(seq)
-        return admitted
+            seq.prefill_left = len(seq.request.prompt_token_ids)
+            backlog += seq.prefill_left
+
+    def _prefill_chunk(self) -> int:
+        """Prompt tokens the next step prefills, in admission order, within the budget the
+        decodes leave (vLLM's chunked prefill); what it completes decodes from this step on."""
+        decoding = sum(not s.prefill_left for s in self._running.values())
+        budget, chunk = self.profile.prefill_budget(decoding), 0
+        for seq in self._running.values():
+            take = min(seq.prefill_left, max(budget - chunk, 0))
+            chunk += take
+            seq.prefill_left -= take
+            if seq.prefill_left:
+                break
+        return int(chunk)
 
     async def _sleep(self, ms: float) -> None:
         # asyncio.sleep(0) still yields, so time_scale 0 never starves other coroutines.
@@ -374,20 +405,21 @@ class SimEngine(Engine):
         end = None  # when the last step ended on the modelled clock (None: idle)
         try:
             while True:
-                admitted = self._admit()
+                self._admit()
                 if not self._running:
                     self._wake.clear()
                     await self._wake.wait()
                     end = None
                     continue
-                step_ms = self.profile.step_ms(
-                    sum(len(s.request.prompt_token_ids) for s in admitted), len(self._running))
+                step_ms = self.profile.step_ms(self._prefill_chunk(), len(self._running))
                 self.steps += 1
                 self.sim_time_ms += step_ms
                 end = await self._step_until(end, step_ms)
-                # Requests aborted during the step are gone from _running; new ones wait.
+                # Requests aborted during the step are gone from _running; new ones wait, and
+                # so do those whose prompt is not all prefilled yet.
                 for seq in list(self._running.values()):
-                    self._advance(seq)
+                    if not seq.prefill_left:
+                        self._advance(seq)
         except Exception as e:
             # Without this, every consumer would wait forever on a dead stepping task.
             log.exception("sim engine stepping failed")

@@ -10,6 +10,12 @@ the pending groups of the model it has loaded, earliest deadline first. A plan i
 arrivals (after a debounce) and on a cadence, and is installed only after the policy's real
 compute time has passed in virtual time, so a slow planner costs what it would cost live.
 
+A step prefills prompts as vLLM does: in chunks, where the profile sets max_batched_tokens
+(the GPU profiles: vLLM's default of 2048), in admission order within what the decodes leave
+of that budget; a request gets its first token at the end of the step that finishes its
+prompt, and new requests are admitted only while the budget is not spent. A plan's StepLimit
+can lower the budget; with neither, a step prefills everything it admits.
+
 An instance runs one model at a time; when the head of its queue (or, with nothing queued, the
 most urgent pending group it can serve) needs another model, it drains what it runs and swaps,
 paying the profile's load time: load_ms the first time, warm_load_ms for a model it served
@@ -110,8 +116,9 @@ class _Instance:
     # the step event under way: (began, first step s, decode step s, tokens), and its version
     step: tuple[float, float, float, int] = (0.0, 0.0, 0.0, 0)
     step_version: int = 0
-    # the plan's StepLimit for it (None: unlimited), and, under it, the prompt tokens still to
-    # prefill of the requests admitted (chunked prefill: they get no token until it is done)
+    # the plan's StepLimit for it (None: unlimited), and the prompt tokens still to prefill of
+    # the requests admitted, when steps prefill in chunks (under the profile's
+    # max_batched_tokens or the limit's max_prefill_tokens: they get no token until it is done)
     limit: object = None
     prefill_left: dict = dataclasses.field(default_factory=dict)
 
@@ -119,21 +126,27 @@ class _Instance:
     def profile(self) -> SimProfile:
         return self.profiles[self.model]
 
+    def prefill_budget(self) -> float:
+        """Prompt tokens the next step may prefill (inf: every prompt admitted, whole). Like
+        vLLM's scheduler, the decodes take their token each first."""
+        budget = self.profile.prefill_budget(len(self.running) - len(self.prefill_left))
+        if self.limit is not None:
+            budget = min(budget, self.limit.max_prefill_tokens)
+        return max(budget, 0)
+
     def room(self) -> int:
         most = self.profile.max_running
         if self.limit is not None:
             most = min(most, self.limit.max_running)
-            # admitted only while this step's prefill budget is not yet spent
-            if sum(self.prefill_left.values()) >= self.limit.max_prefill_tokens:
-                return 0
+        # admitted only while this step's prefill budget is not yet spent
+        if sum(self.prefill_left.values()) >= self.prefill_budget():
+            return 0
         return most - len(self.running)
 
     def prefill_chunk(self) -> int:
-        """Prompt tokens prefilled in the next step under the limit, in admission order; the
+        """Prompt tokens prefilled in the next step under the budget, in admission order; the
         requests whose prefill it completes leave prefill_left."""
-        # a limit lifted meanwhile: what is left is prefilled at once
-        budget = self.limit.max_prefill_tokens if self.limit is not None else math.inf
-        chunk = 0
+        budget, chunk = self.prefill_budget(), 0
         for req in list(self.prefill_left):
             take = min(self.prefill_left[req], budget - chunk)
             chunk += take
@@ -142,7 +155,7 @@ class _Instance:
             else:
                 self.prefill_left[req] -= take
                 break
-        return chunk
+        return int(chunk)
 
 
 @dataclasses.dataclass
@@ -374,7 +387,8 @@ class Simulation:
                 for r in inst.running),
             # the model a swap under way unloads stays warm too
             warm=tuple(sorted(inst.warm | {inst.model}
-                              | {m for m, t in inst.warming.items() if t <= self.now})))
+                              | {m for m, t in inst.warming.items() if t <= self.now})),
+            prefill_tokens=sum(inst.prefill_left.values()))
 
     def _progress(self, inst: _Instance) -> tuple[int, float]:
         """Of the step event under way: the steps done by now, and when the next one ends."""
@@ -491,7 +505,7 @@ class Simulation:
             inst.kv_used += req.kv_tokens
             if req.kv_at == inst.spec.name:
                 inst.kv_copy_tokens += req.context
-            elif inst.limit is not None:
+            elif inst.prefill_budget() < math.inf:
                 inst.prefill_left[req] = req.context
             else:
                 prefill += req.context

@@ -47,7 +47,7 @@ def main() -> None:
     parser = service_parser("services.planner", __doc__, "planner.listen")
     parser.add_argument("--policy", default=None,
                         help="override planner.policy "
-                             "(fcfs, priority, edf, qlm, qlm-cpsat, qlm-tpot, qlm-pull)")
+                             "(fcfs, priority, edf, qlm, qlm-cpsat, qlm-tpot, qlm-nopull)")
     args = parser.parse_args()
     setup_logging("planner")
     run(serve(args))

@@ -72,6 +72,8 @@ def _worker_view(wid: str, info: dict[str, str], running: list[RunningView]) -> 
         warm=tuple(info.get("warm", "").split()),
         running_work=tuple((r.slo_class, r.generated, r.max_tokens) for r in running),
         running_requests=tuple(running),
+        # what a chunked prefill still owes, at most: the prompts of those with no token yet
+        prefill_tokens=sum(r.context_tokens for r in running if not r.generated),
     )
 
 
@@ -81,9 +83,9 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
     limits where TPOT-bound work runs (qlm/core/tpot.py), pushed to workers: an explicit
     opt-in, not qlm's default, because on the modern scenario it removed the few TPOT misses
     but cost more TTFT misses than it saved (docs/benchmarks.md, "TPOT step limits").
-    `qlm-pull` is qlm whose workers with free slots take their model's groups from other
-    workers' queues (PlanGenerator.pull_elsewhere): an opt-in for the same reason."""
-    if name not in ("qlm", "qlm-cpsat", "qlm-tpot", "qlm-pull"):
+    `qlm-nopull` is qlm whose workers with free slots do not take their model's groups from
+    other workers' queues (PlanGenerator.pull_elsewhere), for comparison."""
+    if name not in ("qlm", "qlm-cpsat", "qlm-tpot", "qlm-nopull"):
         return policies.get(
             name, {c.name: c.ttft_deadline_ms for c in config.slo_classes.values()})
     throughput = InstanceThroughput()
@@ -109,7 +111,7 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
         throughput, swap_s=lambda wid: load_s.get(wid, 0.0), name=name,
         cold_swap_s=lambda wid, model: cold_s.get((wid, model), 0.0),
         slo_deadlines_s={c.name: c.ttft_deadline_ms / 1000 for c in config.slo_classes.values()},
-        tpot_limits=name == "qlm-tpot", pull_elsewhere=name == "qlm-pull")
+        tpot_limits=name == "qlm-tpot", pull_elsewhere=name != "qlm-nopull")
     # qlm-cpsat: CP-SAT refines each greedy plan once it is in force (plan_once)
     return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator
 
