@@ -176,6 +176,17 @@ async def test_chunked_prefill_holds_a_step_to_max_batched_tokens(make_engine):
     assert whole.sim_time_ms == pytest.approx(15 + 2 * 4 + 7 * 3)
 
 
+async def test_a_spent_chunk_budget_leaves_no_free_slot(make_engine):
+    # slots for 4, but a step holds 8 tokens and 20 prompt tokens are still to prefill (a step
+    # takes 163 ms here): a request claimed now would only wait in the engine behind them
+    engine = await make_engine(time_scale=1.0, max_batched_tokens=8, prefill_ms_per_token=20.0)
+    task = asyncio.create_task(run(engine, req("a", max_tokens=2, prompt="x" * 20)))
+    await until(lambda: engine.stats().running == 1)
+    assert engine.free_slots() == 0
+    await task
+    assert engine.free_slots() == 4
+
+
 @pytest.mark.parametrize("budget", [3, -1, True, 2.5])
 def test_a_step_budget_under_a_full_batch_is_refused(budget):
     with pytest.raises(ConfigError, match="max_batched_tokens"):

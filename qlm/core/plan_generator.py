@@ -196,7 +196,7 @@ class PlanGenerator:
         self.max_merges = max_merges
         # and whether a worker may take them from other workers' queues too (see
         # _merge_into_head; on wb at 1x fcfs's throughput or more, where without it qlm fell
-        # 6 % under)
+        # 4-9 % under)
         self.pull_elsewhere = pull_elsewhere
         self.resume_s_per_token = resume_s_per_token or throughput.prefill_s_per_token
         # SLO class -> its TTFT objective, seconds: where in the plan a new request of each

@@ -213,6 +213,15 @@ class SimEngine(Engine):
         waiting_kv = sum(seq.kv_tokens for seq in self._waiting.values())
         if self._kv_used + waiting_kv >= self.profile.kv_capacity_tokens:
             return 0
+        # So do prompts: while a step's chunk budget is spent on those admitted and waiting,
+        # a request claimed now would wait here, behind them, whatever the plan's order
+        # (the simulator admits only then too; live, a tight request queued in the engine
+        # behind 1 h ones met its TTFT less often than simulated)
+        decoding = sum(not s.prefill_left for s in self._running.values())
+        owed = sum(s.prefill_left for s in self._running.values()) + sum(
+            len(s.request.prompt_token_ids) for s in self._waiting.values())
+        if owed >= self.profile.prefill_budget(decoding):
+            return 0
         return max(0, self.profile.max_running - len(self._running) - len(self._waiting))
 
     def stats(self) -> EngineStats:

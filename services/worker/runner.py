@@ -299,6 +299,10 @@ class WorkerRunner:
             self._backlog = len(claimed) == want
             if not self._backlog:
                 break
+        if room <= 0 and self.running:
+            # the engine may have room again after its next step (a sim engine whose chunk
+            # budget is spent frees it then, not when a request ends): the next tokens wake us
+            self._prefill_wait = True
         return total
 
     async def _context(self, claimed: ClaimedRequest) -> tuple[list[int], int]:
