@@ -436,8 +436,9 @@ class QueueWaits:
             self._chunk_step_s = self._chunk * self._prefill_s
 
     def _prefill_wait(self, seg, f: float) -> float:
-        """The sure part of a group's wait that the prompts ahead of it in its segment make:
-        prefilled whole, only when it waits for a slot (f > 0: a step after theirs)."""
+        """The sure part of a group's wait that the prompts ahead of it in its segment make.
+        In chunks: the whole chunk steps until less than a chunk of them is left. Whole: their
+        prefill time, only when it waits for a slot (f > 0: a step after theirs)."""
         if not self.chunked:
             return seg.prefill if f else 0.0
         steps = math.ceil(max(0, seg.prefill_tokens - self._chunk + 1) / self._chunk)
