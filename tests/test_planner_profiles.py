@@ -37,3 +37,18 @@ def test_qlm_nopull_is_qlm_without_pulling_from_other_queues():
     assert build_policy(cfg, "qlm").pull_elsewhere is True
     nopull = build_policy(cfg, "qlm-nopull")
     assert nopull.pull_elsewhere is False and nopull.name == "qlm-nopull"
+
+
+def test_a_measured_profile_keeps_the_engines_chunk_budget(tmp_path):
+    from qlm.core.estimator import InstanceThroughput
+    from qlm.engines.profile import render
+
+    measured = {"prefill_ms_per_token": 0.01, "decode_step_ms": 4.0, "decode_ms_per_seq": 0.5,
+                "raw_ttft_ms": {64: 1.0}, "raw_step_ms": {1: 4.5}, "max_running": 16,
+                "kv_capacity_tokens": 4096, "load_ms": 1000, "warm_load_ms": 1.0,
+                "max_batched_tokens": 2048}
+    path = tmp_path / "measured.yaml"
+    path.write_text(render(measured, "qlm profile --worker-id w0"))
+    profile = SimProfile.load(path)
+    assert (profile.max_batched_tokens, profile.max_running) == (2048, 16)
+    assert InstanceThroughput(profile).chunked("w0", "small")

@@ -7,6 +7,8 @@ What it measures, on an engine it starts from the stack config's worker entry:
 - decode_step_ms and decode_ms_per_seq: a straight line through the time per decode step at
   several batch sizes (all requests of a batch start together and run to the same length);
 - kv_capacity_tokens: the engine's KV blocks times the block size; max_running: max_num_seqs;
+- max_batched_tokens: the engine's token budget per step when it prefills in chunks (its
+  scheduler's max_num_batched_tokens; 0 when chunked prefill is off);
 - load_ms: a cold start of the model (engine start-up included); warm_load_ms: activating it
   again once it is warm (the pool keeps it started; on a GPU it wakes from sleep level 1).
 """
@@ -101,6 +103,8 @@ load_ms: {profile['load_ms']}
 warm_load_ms: {profile['warm_load_ms']}
 # benchmarks and demos run to max_tokens (ignore_eos); real traffic ends earlier
 eos_probability: 0.0
+# tokens one step holds under chunked prefill (the scheduler's max_num_batched_tokens; 0: off)
+max_batched_tokens: {profile['max_batched_tokens']}
 """
 
 
@@ -125,12 +129,15 @@ async def profile_worker(config_path: str, worker_id: str, model: str | None, ou
         load_s = time.perf_counter() - started
         print(f"{worker_id}/{model}: cold start {load_s:.1f} s")
         result = await measure(engine, model)
+        sched = engine.instances[model].llm.vllm_config.scheduler_config
+        chunked = getattr(sched, "enable_chunked_prefill", False)
         await engine.unload_model(model)
         started = time.perf_counter()
         await engine.load_model(model)
         warm_s = time.perf_counter() - started
         result |= {"max_running": engine.options.max_num_seqs,
                    "kv_capacity_tokens": engine.instances[model].kv_capacity_tokens,
+                   "max_batched_tokens": sched.max_num_batched_tokens if chunked else 0,
                    "load_ms": round(load_s * 1000), "warm_load_ms": round(warm_s * 1000, 3)}
     finally:
         await engine.stop()
