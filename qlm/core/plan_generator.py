@@ -435,12 +435,8 @@ class PlanGenerator:
         def fits(gid) -> bool:  # a draining head takes only work as tight as any queued
             return end > 0 or objectives.get(groups[gid].slo_class, 0.0) <= queued_tightest
 
-        tp = self.estimator.throughput
-        prefill_s = tp.prefill_s_per_token(w.id, model)
-        # prefilled in chunks, in admission order, the head's prompts go first whatever
-        # moves in behind them
-        prefill_room = math.inf if tp.chunked(w.id, model) else self._prefill_room(
-            queue[:end], prefill_s, now_s)
+        prefill_s = self.estimator.throughput.prefill_s_per_token(w.id, model)
+        prefill_room = self._prefill_room(w, queue[:end], prefill_s, now_s)
         moved = 0
         for _ in range(self.max_merges):
             src, k = None, next((k for k in range(end + 1, len(queue))
@@ -475,15 +471,16 @@ class PlanGenerator:
         if moved and tightest is not None and self.pull_elsewhere:
             self._readmit(w, queue, tightest, now_s)
 
-    def _prefill_room(self, head, prefill_s: float, now_s: float) -> float:
+    def _prefill_room(self, w: WorkerView, head, prefill_s: float, now_s: float) -> float:
         """Seconds of prompts that work moved in behind the head groups may bring. A batch
         that prefills what it pulls in one step (no chunked prefill) gives the head's groups,
         which start at once, their first token only after the prompts moved in behind them
         (wb at 1x: 60 s groups started 5 s before their deadline and met it 2 s late, behind
         7 s of prompts).
         Measured with pull_elsewhere only, whose moves fill whole batches; without it the
-        moves are fewer and the room is not checked (inf)."""
-        if not self.pull_elsewhere:
+        moves are fewer and the room is not checked (inf). Prefilled in chunks, in admission
+        order, the head's prompts go first whatever moves in behind them: not checked either."""
+        if not self.pull_elsewhere or self.estimator.throughput.chunked(w.id, w.loaded):
             return math.inf
         groups = self._views
         return min((groups[gid].deadline_ms / 1000 - now_s

@@ -95,20 +95,21 @@ class CappedThroughput:
         b = self.batch(worker, model) if batch is None else batch
         return b / self.inner.step_s(worker, model, b)
 
+    def _capped(self, worker: str, budget: float, batch: int | None):
+        """A step's prompt budget and batch under the worker's limit, if it has one."""
+        limit = self.limits.get(worker)
+        if limit is None:
+            return budget, batch
+        return (min(budget, limit.max_prefill_tokens),
+                limit.max_running if batch is None else min(batch, limit.max_running))
+
     def prefill_chunk_tokens(self, worker: str, model: str, budget: float = math.inf,
                              batch: int | None = None) -> float:
-        limit = self.limits.get(worker)
-        if limit is not None:
-            budget = min(budget, limit.max_prefill_tokens)
-            batch = limit.max_running if batch is None else min(batch, limit.max_running)
-        return self.inner.prefill_chunk_tokens(worker, model, budget, batch)
+        return self.inner.prefill_chunk_tokens(worker, model, *self._capped(worker, budget, batch))
 
-    def prefill_s_per_token(self, worker: str, model: str) -> float:
+    def prefill_s_per_token(self, worker: str, model: str, budget: float = math.inf,
+                            batch: int | None = None) -> float:
         """Wall time per prompt token: chunks of at most the limit's, each in a step of a full
         (capped) batch (the decodes in it are progress the batch makes anyway, but the next
         group cannot start before the chunks ahead of it are done)."""
-        limit = self.limits.get(worker)
-        if limit is None:
-            return self.inner.prefill_s_per_token(worker, model)
-        return self.inner.prefill_s_per_token(worker, model, limit.max_prefill_tokens,
-                                              limit.max_running)
+        return self.inner.prefill_s_per_token(worker, model, *self._capped(worker, budget, batch))

@@ -217,10 +217,8 @@ class SimEngine(Engine):
         # a request claimed now would wait here, behind them, whatever the plan's order
         # (the simulator admits only then too; live, a tight request queued in the engine
         # behind 1 h ones met its TTFT less often than simulated)
-        decoding = sum(not s.prefill_left for s in self._running.values())
-        owed = sum(s.prefill_left for s in self._running.values()) + sum(
-            len(s.request.prompt_token_ids) for s in self._waiting.values())
-        if owed >= self.profile.prefill_budget(decoding):
+        budget, owed = self._prefill_budget()
+        if owed + sum(len(s.request.prompt_token_ids) for s in self._waiting.values()) >= budget:
             return 0
         return max(0, self.profile.max_running - len(self._running) - len(self._waiting))
 
@@ -362,10 +360,14 @@ class SimEngine(Engine):
         seq.finish_reason, seq.error = reason, error
         seq.ready.set()
 
+    def _prefill_budget(self) -> tuple[float, int]:
+        """(the prompt tokens the next step may prefill, those the batch still owes)."""
+        running = self._running.values()
+        decoding = sum(not s.prefill_left for s in running)
+        return self.profile.prefill_budget(decoding), sum(s.prefill_left for s in running)
+
     def _admit(self) -> None:
-        decoding = sum(not s.prefill_left for s in self._running.values())
-        budget = self.profile.prefill_budget(decoding)
-        backlog = sum(s.prefill_left for s in self._running.values())
+        budget, backlog = self._prefill_budget()
         # Strict order: a large request at the head is not overtaken by smaller ones forever.
         for seq in sorted(self._waiting.values(), key=lambda s: (s.request.priority, s.arrival)):
             if len(self._running) >= self.profile.max_running or backlog >= budget:
@@ -381,8 +383,7 @@ class SimEngine(Engine):
     def _prefill_chunk(self) -> int:
         """Prompt tokens the next step prefills, in admission order, within the budget the
         decodes leave (vLLM's chunked prefill); what it completes decodes from this step on."""
-        decoding = sum(not s.prefill_left for s in self._running.values())
-        budget, chunk = self.profile.prefill_budget(decoding), 0
+        budget, chunk = self._prefill_budget()[0], 0
         for seq in self._running.values():
             take = min(seq.prefill_left, max(budget - chunk, 0))
             chunk += take
