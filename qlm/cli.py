@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs side by side (default: one per CPU this process may use)")
+    p.add_argument("--plan-ms", type=float, default=None,
+                   help="charge every plan this compute time, not its measured one: runs "
+                        "that repeat exactly, to compare planner changes")
     p.set_defaults(func=cmd_bench_sim)
 
     p = bench.add_parser("live", help="a time-scaled trace through the running stack, fcfs "

@@ -94,10 +94,25 @@ def test_runs_side_by_side_give_the_runs_of_one_at_a_time(trace, profiles):
     assert serial[2]["ttft_p50_s"] > 2 * serial[0]["ttft_p50_s"]  # the loads differ
 
 
+def test_runs_with_a_fixed_plan_time_repeat_exactly(trace, profiles):
+    # here and in spawned processes (other hash seeds): every figure but the measured plan
+    # times is the same; a plan charged 2 s instead of 20 ms changes the run
+    args = (str(trace), "wa", ["qlm"], [8.0, 8.0])
+    runs = [*bench_sim.run(*args, profiles_dir=profiles, progress=False, plan_ms=20),
+            *bench_sim.run(*args, profiles_dir=profiles, progress=False, plan_ms=20, jobs=2)]
+    same = [{k: v for k, v in r.items() if k != "planner_ms_p99"} for r in runs]
+    assert all(r == same[0] for r in same)
+    slow = bench_sim.run(*args[:3], [8.0], profiles_dir=profiles, progress=False, plan_ms=2000)
+    assert slow[0]["ttft_p99_s"] > same[0]["ttft_p99_s"]
+
+
 def test_errors_are_clear(trace, profiles, capsys, tmp_path):
     assert cli(["bench", "sim", "--trace", str(trace), "--scenario", "wa",
                 "--policies", "fcfs,nope", "--profiles", str(profiles)]) == 2
     assert "unknown policy 'nope'" in capsys.readouterr().err
+    assert cli(["bench", "sim", "--trace", str(trace), "--scenario", "wa", "--plan-ms", "-1",
+                "--profiles", str(profiles)]) == 2
+    assert "--plan-ms must be 0 or more" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no engine profile"):
         bench_sim.run(str(trace), "wa", ["fcfs"], [1.0], profiles_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="known"):

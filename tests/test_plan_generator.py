@@ -112,6 +112,11 @@ def test_work_starts_no_sooner_than_the_plan_is_in_force():
     snap = Snapshot(now_ms=0, groups=(group("g1", 600.0),), workers=(busy,))
     gen(snap)  # a real plan's compute time replaces nothing: the longest of the last few counts
     assert gen.ready_s(busy) == pytest.approx(0.034)
+    # told a fixed compute time (a reproducible simulation), it counts on that, not the clock
+    fixed = generator(("w0", "w1"))
+    fixed.fixed_compute_s = 0.045
+    fixed(snap)
+    assert fixed.ready_s(idle) == 0.045 and fixed.ready_s(busy) == pytest.approx(0.054)
 
 
 def test_new_work_waits_for_the_prompts_a_chunked_prefill_still_owes():
@@ -394,3 +399,24 @@ def test_a_plan_reads_its_waits_through_the_spread_its_past_errors_call_for():
     gen.recalibrate = False
     gen(snap)
     assert gen._latest["g2"][0].spread == 1.0
+
+
+def test_groups_lost_anyway_go_where_they_are_comparatively_cheapest():
+    # "fast" prefills 2.5x and decodes 8x as fast as "slow". g1's and g2's deadlines are long
+    # past; g3 is due in half a second (one request, one token) and goes first, to slow.
+    # "Prompty" g1 (1,000-token prompts, 10 tokens out) costs slow a smaller share of its time
+    # than an average late request does, "talky" g2 (10 in, 500 out) a larger one: g1 goes to
+    # slow and g2 to fast. The queues' starts alone give g1 to fast (idle), then g2 to slow.
+    tp = InstanceThroughput()
+    tp.set_profile("fast", "m", dataclasses.replace(PROFILE, prefill_ms_per_token=0.1))
+    tp.set_profile("slow", "m", dataclasses.replace(PROFILE, prefill_ms_per_token=0.25,
+                                                    decode_step_ms=80.0))
+    gen = PlanGenerator(tp, ExactLengths())
+    prompty = dataclasses.replace(group("g1", 1.0, tokens=10), prompt_tokens=4000)
+    talky = dataclasses.replace(group("g2", 1.001, tokens=500), prompt_tokens=40)
+    soon = dataclasses.replace(group("g3", 100.5, queued=1, tokens=1), prompt_tokens=1)
+    snap = Snapshot(now_ms=100_000, groups=(prompty, talky, soon),
+                    workers=(worker("slow"), worker("fast")))
+    assert gen(snap).queues == {"slow": ["g3", "g1"], "fast": ["g2"]}
+    gen.comparative_s = 0.0
+    assert gen(snap).queues == {"slow": ["g3", "g2"], "fast": ["g1"]}

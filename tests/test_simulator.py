@@ -3,6 +3,7 @@ nothing, policies compared on a head-of-line burst, model swaps, and nothing los
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
@@ -237,3 +238,24 @@ def test_a_group_opened_during_a_plan_gets_the_next_plan_at_once():
     assert first == (20, [])
     # after the first plan is in force (~70 ms) and the debounce (20 ms): not at the 1 s tick
     assert 85 <= second[0] <= 120 and "g2" in second[1]
+
+
+def test_a_fixed_plan_time_is_charged_instead_of_the_measured_one():
+    """plan_time_s charges every plan that long, however fast it was: the same run each time.
+    The policy here computes in microseconds, so only the charge keeps plans 300 ms apart."""
+    asked_at = []
+    fcfs = policies.get("fcfs")
+
+    def quick(snapshot):
+        asked_at.append(round(snapshot.now_ms))
+        return fcfs(snapshot)
+
+    # a new group every 50 ms (alternating classes), each asking for a plan
+    requests = [req(i, 0.05 * i, 50, cls=("batch", "interactive")[i % 2],
+                    deadline=(60.0, 2.0)[i % 2], prompt=10 * (1 + i)) for i in range(12)]
+    Simulation(requests, fleet(max_running=1), quick, plan_time_s=0.3).run()
+    gaps = [b - a for a, b in itertools.pairwise(asked_at)]
+    assert asked_at[0] == 20 and gaps and min(gaps) >= 300
+    asked_at.clear()
+    Simulation(requests, fleet(max_running=1), quick).run()  # measured: next plans come sooner
+    assert min(b - a for a, b in itertools.pairwise(asked_at)) < 300

@@ -61,10 +61,12 @@ QLM_NAMES = ("qlm", "oracle", "qlm-noevict", "qlm-cpsat", "qlm-tpot", "qlm-nopul
 POLICY_NAMES = (*policies.NAMES, *QLM_NAMES)
 
 
-def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
+def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None,
+                plan_s: float | None = None):
     """A fresh policy for one run: the planner's own ones, or the QLM plan generator (the
     oracle is the same generator told every output length). kv_swap_ms: instance -> model ->
-    KV swap ms per token, what resuming an evicted request costs (else a recompute)."""
+    KV swap ms per token, what resuming an evicted request costs (else a recompute). plan_s:
+    the compute time the generator counts on for every plan (None: each one's measured)."""
     if name not in QLM_NAMES:
         return policies.get(name, deadlines)
     throughput = InstanceThroughput()
@@ -88,7 +90,8 @@ def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None):
                               resume_s_per_token=resume_s_per_token, slo_deadlines_s=deadlines,
                               tpot_limits=name == "qlm-tpot",
                               pull_elsewhere=name != "qlm-nopull",
-                              cold_swap_s=lambda worker, model: cold_s[worker][model])
+                              cold_swap_s=lambda worker, model: cold_s[worker][model],
+                              compute_s=plan_s)
     # qlm-cpsat: the same greedy plan, then CP-SAT's refinement of it (qlm/core/cpsat.py)
     return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator
 
@@ -197,13 +200,13 @@ def table(runs: list[dict], policies_: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _simulate(requests, fleet, deadlines, kv_swap_ms, max_group_size, scenario, load,
+def _simulate(requests, fleet, deadlines, kv_swap_ms, max_group_size, plan_s, scenario, load,
               name) -> dict:
     """One policy at one load (in a worker process when the runs go side by side)."""
-    policy = make_policy(name, fleet, deadlines, kv_swap_ms)
+    policy = make_policy(name, fleet, deadlines, kv_swap_ms, plan_s)
     result = Simulation(scale_load(requests, load), fleet, policy,
                         max_group_size=max_group_size, oracle=name == "oracle",
-                        kv_swap_ms=kv_swap_ms).run()
+                        kv_swap_ms=kv_swap_ms, plan_time_s=plan_s).run()
     return summarize(result, scenario=scenario, load=load, policy=name,
                      calibration=getattr(policy, "calibration", None))
 
@@ -217,17 +220,20 @@ def default_jobs() -> int:
 def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], *,
         instances: int | None = None, seed: int = 0, profiles_dir: pathlib.Path = PROFILES,
         max_group_size: int = 32, limit: int | None = None, progress=True,
-        jobs: int = 1) -> list[dict]:
+        jobs: int = 1, plan_ms: float | None = None) -> list[dict]:
     """Every policy at every load, in that order. jobs > 1 runs them side by side in as many
     processes, the slowest first (the plan generators at the highest loads): each run is
     independent, and the simulator charges each plan the time it took to compute, so a
-    machine with fewer free CPUs than jobs makes the plan generators' runs a little worse."""
+    machine with fewer free CPUs than jobs makes the plan generators' runs a little worse.
+    plan_ms: charge every plan this instead; the runs then repeat exactly (CP-SAT's, whose
+    search stops on a time budget, aside)."""
     sc = get_scenario(scenario)
     requests = sc.assign(load_trace(trace)[:limit], seed)
     fleet = load_profiles(sc.instances(instances), profiles_dir)
     kv_swap_ms = load_kv_swap(sc.instances(instances))
     deadlines = {c.name: c.ttft_deadline_s for c in sc.slo_classes.values()}
-    common = (requests, fleet, deadlines, kv_swap_ms, max_group_size, scenario)
+    plan_s = None if plan_ms is None else plan_ms / 1000
+    common = (requests, fleet, deadlines, kv_swap_ms, max_group_size, plan_s, scenario)
     tasks = [(load, name) for load in loads for name in policy_names]
     runs: dict[tuple, dict] = {}
     started = time.monotonic()
@@ -271,10 +277,15 @@ def main(args) -> int:
     if not loads or min(loads) <= 0:
         print("qlm bench sim: --loads must be positive numbers", file=sys.stderr)
         return 2
+    if args.plan_ms is not None and args.plan_ms < 0:
+        print("qlm bench sim: --plan-ms must be 0 or more", file=sys.stderr)
+        return 2
     runs = run(args.trace, args.scenario, policy_names, loads, instances=args.instances,
                seed=args.seed, profiles_dir=pathlib.Path(args.profiles), limit=args.limit,
-               jobs=args.jobs or default_jobs())
-    print(f"scenario {args.scenario}, trace {args.trace}, seed {args.seed}")
+               jobs=args.jobs or default_jobs(), plan_ms=args.plan_ms)
+    charged = "measured" if args.plan_ms is None else f"{args.plan_ms:g} ms each"
+    print(f"scenario {args.scenario}, trace {args.trace}, seed {args.seed}, plans charged: "
+          f"{charged}")
     print(table(runs, policy_names))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"runs": runs}, indent=1) + "\n")

@@ -174,6 +174,8 @@ class PlanGenerator:
         slo_deadlines_s: Mapping[str, float] | None = None,
         tpot_limits: bool = False,
         cold_swap_s: Callable[[str, str], float] | None = None,
+        compute_s: float | None = None,
+        comparative_s: float = 3000.0,
     ):
         self.lengths = lengths or OutputLengthStats()
         self.estimator = WaitingTimeEstimator(self.lengths, throughput)
@@ -198,6 +200,8 @@ class PlanGenerator:
         # _merge_into_head; on wb at 1x fcfs's throughput or more, where without it qlm fell
         # 4-9 % under)
         self.pull_elsewhere = pull_elsewhere
+        # a late group's queue start traded against its relative cost there (see _place_late)
+        self.comparative_s = comparative_s
         self.resume_s_per_token = resume_s_per_token or throughput.prefill_s_per_token
         # SLO class -> its TTFT objective, seconds: where in the plan a new request of each
         # class would go, for admission feedback (None: the snapshot's classes)
@@ -207,6 +211,9 @@ class PlanGenerator:
         # Calibration.spread); False: the estimator's own quantiles
         self.recalibrate = recalibrate
         self._compute_s: collections.deque = collections.deque(maxlen=8)  # see ready_s
+        # None: each plan's measured compute time; else this, for every plan (a simulation
+        # that charges plans a fixed time, and is then reproducible)
+        self.fixed_compute_s = compute_s
         self._empty: dict = {}  # see _head_queue
         # the estimate of the plan in force for each group, and when it was made: checked
         # against the group's real wait when it starts (a later plan may move a group back
@@ -272,7 +279,8 @@ class PlanGenerator:
     def __call__(self, snapshot: Snapshot) -> Plan:
         started = time.perf_counter()
         plan = self._plan(snapshot)
-        self._compute_s.append(time.perf_counter() - started)
+        self._compute_s.append(time.perf_counter() - started if self.fixed_compute_s is None
+                               else self.fixed_compute_s)
         return plan
 
     def _plan(self, snapshot: Snapshot) -> Plan:
@@ -332,13 +340,7 @@ class PlanGenerator:
 
         while admit:  # due after every group: still ahead of the late ones
             self._admission(plan, admit.pop()[1], waits, least)
-        for g in late:  # after everything that can still meet its deadline
-            queued = self._queued(g)
-            options = [(waits[w].next_wait(queued), w)
-                       for w in least.least(g.model)]
-            estimate, wid = min(options, key=lambda o: (o[0].quantile(self.z), o[1]))
-            self._place(plan, waits, tail_model, wid, g, queued, estimate, now_s)
-            least.update(wid, g.model)
+        self._place_late(late, plan, waits, tail_model, least, now_s)
         if self.max_merges > 0:
             objectives = dict(self._deadlines(snapshot))
             views = {w.id: w for w in snapshot.workers}
@@ -369,6 +371,52 @@ class PlanGenerator:
             if at:
                 plan.admission_by_class_s.setdefault(model, {})[slo_class] = min(at.values())
 
+    def _place_late(self, late, plan, waits, tail_model, least, now_s) -> None:
+        """Places the groups no worker can start by their deadline with the configured
+        confidence, after everything that can still meet one. One that still has a chance
+        somewhere goes where its wait is shortest. For one that has none (under 1 - confidence
+        everywhere), what counts is the fleet's throughput: it goes where it is comparatively
+        cheapest, its cost there against that worker's cost for the average late request (an
+        A10 prefills at 40 % of an A100's speed but decodes at 13 %, so prompt-heavy work is
+        cheap there), traded against how much later that worker's queue starts:
+        `comparative_s` seconds per unit of relative cost. Shortest waits alone gave the A10
+        the groups that fitted its KV cache soonest: qlm's throughput under overload on wa
+        and modern (an A100 and an A10) was 0.1-0.7 % under fcfs's."""
+        if not late:
+            return
+        n = sum(g.queued for g in late) or 1
+        average = (sum(g.prompt_tokens for g in late) / n,
+                   sum(self._mean_output(g) * g.queued for g in late) / n)
+        for g in late:
+            queued = self._queued(g)
+            options = {w: waits[w].next_wait(queued) for w in least.least(g.model)}
+            wid = min(options, key=lambda w: (options[w].quantile(self.z), w))
+            if options[wid].p_meets(g.deadline_ms / 1000 - now_s) < 1 - self.confidence:
+                per_request = (g.prompt_tokens / max(g.queued, 1), self._mean_output(g))
+
+                def key(w, per_request=per_request, model=g.model):
+                    cost = self._request_s(w, model, *per_request) / self._request_s(
+                        w, model, *average)
+                    start = waits[w].next_wait(QueuedGroup(model, "", 1)).mean
+                    return start + self.comparative_s * cost, w
+
+                wid = min(options, key=key)
+            self._place(plan, waits, tail_model, wid, g, queued, options[wid], now_s)
+            least.update(wid, g.model)
+
+    def _mean_output(self, g: GroupView) -> float:
+        cap = g.max_tokens / g.queued if g.max_tokens and g.queued else None
+        return self.lengths.moments(g.model, g.slo_class, cap, band=group_band(self.lengths, g))[0]
+
+    def _request_s(self, wid: str, model: str, prompt: float, output: float) -> float:
+        """Seconds of wid's time one request of `prompt` and `output` tokens takes: its prompt,
+        and its share of the decode steps of a batch of requests like it (as many as fit in
+        the KV cache)."""
+        tp = self.estimator.throughput
+        batch = tp.batch(wid, model, prompt + output)
+        return (prompt * tp.prompt_s_per_token(wid, model)
+                + output * tp.step_s(wid, model, batch) / batch)
+
     def _worth_deferring(self, g, wid, lateness_s, following, now_s) -> bool:
         """Setting a late group aside helps only the groups it would delay: if even the next
         deadline (the tightest of those still to place) has room for this group's lateness
@@ -377,9 +425,7 @@ class PlanGenerator:
         if not following:
             return False
         tp = self.estimator.throughput
-        cap = g.max_tokens / g.queued if g.max_tokens and g.queued else None
-        mean_len, _ = self.lengths.moments(g.model, g.slo_class, cap,
-                                           band=group_band(self.lengths, g))
+        mean_len = self._mean_output(g)
         batch = tp.batch(wid, g.model)
         work_s = g.queued * mean_len * tp.step_s(wid, g.model, batch) / batch
         next_budget = following[0].deadline_ms / 1000 - now_s

@@ -184,6 +184,7 @@ class Simulation:
         plan_interval_s: float = 1.0,
         plan_debounce_s: float = 0.02,
         charge_planner: bool = True,
+        plan_time_s: float | None = None,
         fold_steps: bool = True,
         oracle: bool = False,
         kv_swap_ms: Mapping[str, Mapping[str, float]] | None = None,
@@ -205,6 +206,10 @@ class Simulation:
         self.plan_interval_s = plan_interval_s
         self.plan_debounce_s = plan_debounce_s
         self.charge_planner = charge_planner
+        # each plan charged this long instead of its measured compute time: a run that does
+        # not depend on how busy the machine is (the same plans, given a policy that is told
+        # the same time; see bench sim's --plan-ms)
+        self.plan_time_s = plan_time_s
         # Folding runs several decode steps as one event when nothing can change the batch
         # meanwhile; off, every step is an event (slow, used to check the folding).
         self.fold_steps = fold_steps
@@ -406,7 +411,11 @@ class Simulation:
         plan = self.policy(snapshot)
         compute_s = time.perf_counter() - started
         self.planner_ms.append(compute_s * 1000)
-        ready = self.now + (compute_s if self.charge_planner else 0.0)
+        if not self.charge_planner:
+            compute_s = 0.0
+        elif self.plan_time_s is not None:
+            compute_s = self.plan_time_s
+        ready = self.now + compute_s
         self._installs.append(ready)
         self._at(ready, "install", (ready, plan))
 
