@@ -5,9 +5,11 @@ P(wait <= deadline) >= confidence, read through the waiting-time estimator's qua
 The plan is greedy: groups in deadline order, each appended to the queue of the worker where
 its estimated wait quantile is lowest, preferring (1) a worker where it meets its deadline,
 (2) among those, one that needs no model swap (model affinity), (3) the least loaded. A group
-that can meet its deadline nowhere is set aside and queued after all groups that can, on the
-least loaded worker: under overload EDF serves hopeless groups first and makes the next ones
-late too (the domino effect); QLM serves what can still be saved.
+that can meet its deadline nowhere is set aside and queued after all groups that can: under
+overload EDF serves hopeless groups first and makes the next ones late too (the domino
+effect); QLM serves what can still be saved. Where a set-aside group goes: where its wait is
+shortest while it has a chance, else where it costs the fleet's throughput least (see
+_place_late).
 
 Merging (model affinity over time): deadline order serves a model's tight work in small
 segments and its loose work later in segments of its own, so the plan then moves later groups
@@ -374,8 +376,8 @@ class PlanGenerator:
     def _place_late(self, late, plan, waits, tail_model, least, now_s) -> None:
         """Places the groups no worker can start by their deadline with the configured
         confidence, after everything that can still meet one. One that still has a chance
-        somewhere goes where its wait is shortest. For one that has none (under 1 - confidence
-        everywhere), what counts is the fleet's throughput: it goes where it is comparatively
+        goes where its wait is shortest. For one that has none (under 1 - confidence even
+        there), what counts is the fleet's throughput: it goes where it is comparatively
         cheapest, its cost there against that worker's cost for the average late request (an
         A10 prefills at 40 % of an A100's speed but decodes at 13 %, so prompt-heavy work is
         cheap there), traded against how much later that worker's queue starts:
@@ -384,24 +386,34 @@ class PlanGenerator:
         and modern (an A100 and an A10) was 0.1-0.7 % under fcfs's."""
         if not late:
             return
+        output = {g.id: self._mean_output(g) for g in late}
         n = sum(g.queued for g in late) or 1
         average = (sum(g.prompt_tokens for g in late) / n,
-                   sum(self._mean_output(g) * g.queued for g in late) / n)
+                   sum(output[g.id] * g.queued for g in late) / n)
+        per_average: dict[tuple[str, str], float] = {}  # (worker, model) -> its average cost
+        starts: dict[str, dict[str, float]] = {}  # worker -> model -> its queue's start
+
+        def key(w: str, g: GroupView) -> tuple[float, str]:
+            if (w, g.model) not in per_average:
+                per_average[w, g.model] = max(self._request_s(w, g.model, *average), 1e-9)
+            cost = self._request_s(w, g.model, g.prompt_tokens / max(g.queued, 1),
+                                   output[g.id]) / per_average[w, g.model]
+            at = starts.setdefault(w, {})
+            if g.model not in at:
+                at[g.model] = waits[w].next_wait(QueuedGroup(g.model, "", 1)).mean
+            return at[g.model] + self.comparative_s * cost, w
+
         for g in late:
-            queued = self._queued(g)
-            options = {w: waits[w].next_wait(queued) for w in least.least(g.model)}
-            wid = min(options, key=lambda w: (options[w].quantile(self.z), w))
-            if options[wid].p_meets(g.deadline_ms / 1000 - now_s) < 1 - self.confidence:
-                per_request = (g.prompt_tokens / max(g.queued, 1), self._mean_output(g))
-
-                def key(w, per_request=per_request, model=g.model):
-                    cost = self._request_s(w, model, *per_request) / self._request_s(
-                        w, model, *average)
-                    start = waits[w].next_wait(QueuedGroup(model, "", 1)).mean
-                    return start + self.comparative_s * cost, w
-
-                wid = min(options, key=key)
-            self._place(plan, waits, tail_model, wid, g, queued, options[wid], now_s)
+            queued, budget = self._queued(g), g.deadline_ms / 1000 - now_s
+            candidates, options = least.least(g.model), {}
+            if budget > 0:  # past its deadline it has no chance anywhere
+                options = {w: waits[w].next_wait(queued) for w in candidates}
+                wid = min(options, key=lambda w: (options[w].quantile(self.z), w))
+            if budget <= 0 or options[wid].p_meets(budget) < 1 - self.confidence:
+                wid = min(candidates, key=lambda w, g=g: key(w, g))
+            estimate = options[wid] if wid in options else waits[wid].next_wait(queued)
+            self._place(plan, waits, tail_model, wid, g, queued, estimate, now_s)
+            starts.pop(wid, None)
             least.update(wid, g.model)
 
     def _mean_output(self, g: GroupView) -> float:
