@@ -383,7 +383,8 @@ class PlanGenerator:
         cheap there), traded against how much later that worker's queue starts:
         `comparative_s` seconds per unit of relative cost. Shortest waits alone gave the A10
         the groups that fitted its KV cache soonest: qlm's throughput under overload on wa
-        and modern (an A100 and an A10) was 0.1-0.7 % under fcfs's."""
+        and modern (an A100 and an A10) was 0.1-0.7 % under fcfs's, and is now 0.7-0.8 % over
+        it (plans charged 40 ms; docs/benchmarks.md)."""
         if not late:
             return
         output = {g.id: self._mean_output(g) for g in late}
