@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
+import time
 from xml.etree import ElementTree
 
 import pytest
@@ -12,7 +16,7 @@ import pytest
 from qlm.bench import sim as bench_sim
 from qlm.cli import main as cli
 
-from .harness import PROFILES
+from .harness import PROFILES, ROOT
 
 KEYS = {"scenario", "load", "policy", "slo_attainment", "slo_attainment_by_class",
         "throughput_rps", "goodput_rps", "ttft_p50_s", "ttft_p99_s", "model_swaps",
@@ -159,3 +163,47 @@ def test_the_simulator_knows_qlm_nopull(trace, profiles):
     assert bench_sim.make_policy("qlm-nopull", [], {}).pull_elsewhere is False
     assert bench_sim.make_policy("qlm", [], {}).pull_elsewhere is True
     assert bench_sim.make_policy("oracle", [], {}).pull_elsewhere is True
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_runs_side_by_side_end_with_a_killed_bench(trace, profiles, tmp_path):
+    # the bench killed with SIGKILL mid-run: its spawned runs end too (they went on for minutes)
+    code = (f"from qlm.bench import sim; sim.run({str(trace)!r}, 'wa', ['qlm'] * 2, [64.0] * 20, "
+            f"profiles_dir=__import__('pathlib').Path({str(profiles)!r}), progress=False, "
+            "jobs=2)")
+    bench = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while len(runs := [p for p in _children(bench.pid) if _alive(p)]) < 2:
+            assert bench.poll() is None and time.monotonic() < deadline, "no runs started"
+            time.sleep(0.1)
+        time.sleep(1.0)  # past the pool's start: the runs are computing
+        bench.kill()
+        bench.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in runs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in runs)
+    finally:
+        if bench.poll() is None:
+            bench.kill()

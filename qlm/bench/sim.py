@@ -28,6 +28,7 @@ from qlm.core.estimator import InstanceThroughput
 from qlm.core.lengths import OutputLengthStats
 from qlm.core.plan_generator import ExactLengths, PlanGenerator
 from qlm.engines.sim import SimProfile
+from qlm.procutil import die_with_parent
 from qlm.sim import get_scenario, load_trace, scale_load
 from qlm.sim.simulator import SimResult, Simulation
 
@@ -254,7 +255,8 @@ def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], 
         # spawned, not forked: a caller with gRPC threads running (a test, a service) would
         # fork their locks mid-call, and the runs hung
         with concurrent.futures.ProcessPoolExecutor(
-                min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+                initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             pending = {pool.submit(_simulate, *common, *t): t for t in slowest_first}
             report()
             for future in concurrent.futures.as_completed(pending):
