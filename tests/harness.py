@@ -91,3 +91,33 @@ class ServiceProcess:
     def stop(self) -> None:
         stop_process(self.proc)
         kill_group(self.proc.pid)
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (index 0 = state), or None."""
+    try:
+        raw = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def start_time(pid: int) -> str | None:
+    fields = proc_stat(pid)
+    return fields[19] if fields else None  # field 22 of stat: starttime
+
+
+def is_running(pid: int, started: str) -> bool:
+    """Whether `pid` is still the process that started at `started` and is not a zombie."""
+    fields = proc_stat(pid)
+    return fields is not None and fields[19] == started and fields[0] not in ("Z", "X")
+
+
+def children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for f in pathlib.Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            out.update(int(x) for x in f.read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out

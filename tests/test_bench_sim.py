@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 from qlm.bench import sim as bench_sim
 from qlm.cli import main as cli
 
-from .harness import PROFILES, ROOT
+from .harness import PROFILES, ROOT, children, is_running, start_time
 
 KEYS = {"scenario", "load", "policy", "slo_attainment", "slo_attainment_by_class",
         "throughput_rps", "goodput_rps", "ttft_p50_s", "ttft_p99_s", "model_swaps",
@@ -165,26 +164,6 @@ def test_the_simulator_knows_qlm_nopull(trace, profiles):
     assert bench_sim.make_policy("oracle", [], {}).pull_elsewhere is True
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
 def test_runs_side_by_side_end_with_a_killed_bench(trace, profiles, tmp_path):
     # the bench killed with SIGKILL mid-run: its spawned runs end too (they went on for minutes)
@@ -194,16 +173,16 @@ def test_runs_side_by_side_end_with_a_killed_bench(trace, profiles, tmp_path):
     bench = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     try:
         deadline = time.monotonic() + 60
-        while len(runs := [p for p in _children(bench.pid) if _alive(p)]) < 2:
+        while len(runs := {p: s for p in children(bench.pid) if (s := start_time(p))}) < 2:
             assert bench.poll() is None and time.monotonic() < deadline, "no runs started"
             time.sleep(0.1)
         time.sleep(1.0)  # past the pool's start: the runs are computing
         bench.kill()
         bench.wait()
         deadline = time.monotonic() + 10
-        while any(_alive(p) for p in runs) and time.monotonic() < deadline:
+        while any(is_running(p, s) for p, s in runs.items()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(_alive(p) for p in runs)
+        assert not any(is_running(p, s) for p, s in runs.items())
     finally:
         if bench.poll() is None:
             bench.kill()

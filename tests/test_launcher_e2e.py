@@ -27,7 +27,15 @@ from qlm import config as qlm_config
 from qlm.procutil import kill_group
 from qlm.redis_server import free_port
 
-from .harness import PROFILES, ROOT, group_members, write_config
+from .harness import (
+    PROFILES,
+    ROOT,
+    children,
+    group_members,
+    is_running,
+    start_time,
+    write_config,
+)
 
 GRPCURL = pathlib.Path(sys.executable).with_name("grpcurl")
 READY_TIMEOUT_S = 90.0
@@ -72,36 +80,6 @@ def stack_config(tmp_path: pathlib.Path, router: int, planner: int,
         # a worker's heartbeat lapse (ListModels counts live workers)
         limits={"lease_ms": 3000, "heartbeat_ms": 500},
     )
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (index 0 = state), or None."""
-    try:
-        raw = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return raw[raw.rindex(")") + 2:].split()
-
-
-def start_time(pid: int) -> str | None:
-    fields = proc_stat(pid)
-    return fields[19] if fields else None  # field 22 of stat: starttime
-
-
-def is_running(pid: int, started: str) -> bool:
-    """Whether `pid` is still the process that started at `started` and is not a zombie."""
-    fields = proc_stat(pid)
-    return fields is not None and fields[19] == started and fields[0] not in ("Z", "X")
-
-
-def children(pid: int) -> set[int]:
-    out: set[int] = set()
-    for f in pathlib.Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            out.update(int(x) for x in f.read_text().split())
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return out
 
 
 def descendants(pid: int) -> dict[int, str]:

@@ -335,6 +335,18 @@ class WaitingTimeEstimator:
         return QueueWaits(self, worker, model, running, swap_s, ready_s, cold_s, owed_tokens)
 
 
+def group_output(lengths: OutputLengthStats, g: QueuedGroup) -> tuple:
+    """(cap, band, mean, variance, se) of the output of one request of g: the average of their
+    caps stands for each; asked for once per group and plan, not per queue tried."""
+    def compute() -> tuple:
+        cap = g.max_tokens / max(g.queued, 1) if g.max_tokens else None
+        band = group_band(lengths, g)
+        return (cap, band, *lengths.moments(g.model, g.slo_class, cap, band=band),
+                lengths.standard_error(g.model, g.slo_class, cap, band=band))
+
+    return lengths.cached(("group", g), compute)
+
+
 class QueueWaits:
     """The estimator's state along one virtual queue; `next_wait(g)` is the wait of group g if
     it came next, `append(g)` puts it there."""
@@ -493,15 +505,7 @@ class QueueWaits:
         return g.prompt_tokens / max(g.queued, 1) + m, v, (g.model, g.slo_class), se
 
     def _work(self, g) -> tuple:
-        """(cap, band, mean, variance, se) of the output of one request of g: the average of
-        their caps stands for each; asked for once per group and plan, not per queue tried."""
-        return self.est.lengths.cached(("group", g), lambda: self._work_of(g))
-
-    def _work_of(self, g) -> tuple:
-        q, ls = max(g.queued, 1), self.est.lengths
-        cap, band = g.max_tokens / q if g.max_tokens else None, group_band(ls, g)
-        return (cap, band, *ls.moments(g.model, g.slo_class, cap, band=band),
-                ls.standard_error(g.model, g.slo_class, cap, band=band))
+        return group_output(self.est.lengths, g)
 
     def _wait(self, base_mean, base_var, terms, swaps, seg, cases) -> WaitEstimate:
         """The wait given when g starts (`cases`, see slot_frac); several cases make a mixture,

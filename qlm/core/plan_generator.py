@@ -52,8 +52,9 @@ from .estimator import (
     QueuedGroup,
     WaitEstimate,
     WaitingTimeEstimator,
+    group_output,
 )
-from .lengths import OutputLengthStats, group_band
+from .lengths import OutputLengthStats
 from .plan import GroupView, Plan, RunningView, Snapshot, WorkerView
 from .tpot import CappedThroughput, step_limits
 
@@ -418,8 +419,8 @@ class PlanGenerator:
             least.update(wid, g.model)
 
     def _mean_output(self, g: GroupView) -> float:
-        cap = g.max_tokens / g.queued if g.max_tokens and g.queued else None
-        return self.lengths.moments(g.model, g.slo_class, cap, band=group_band(self.lengths, g))[0]
+        """The mean output of one request of g, as the estimator reads it."""
+        return group_output(self.lengths, self._queued(g))[2]
 
     def _request_s(self, wid: str, model: str, prompt: float, output: float) -> float:
         """Seconds of wid's time one request of `prompt` and `output` tokens takes: its prompt,
