@@ -9,6 +9,8 @@ import pathlib
 
 import yaml
 
+from .core import variants
+
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "local.yaml"
 REDIS_URL_ENV = "QLM_REDIS_URL"
 
@@ -132,6 +134,12 @@ def load(path: str | os.PathLike | None = None) -> StackConfig:
     if not models:
         raise ConfigError(f"{path}: no models configured")
 
+    policy = str(planner.get("policy", "qlm"))
+    try:
+        variants.check(policy)
+    except ValueError as e:
+        raise ConfigError(f"planner.policy: {e}") from None
+
     classes = {}
     for name, c in (raw.get("slo_classes") or {}).items():
         c = c or {}
@@ -182,7 +190,7 @@ def load(path: str | os.PathLike | None = None) -> StackConfig:
         router_listen=str(router.get("listen", "127.0.0.1:50051")),
         router_max_message_bytes=_positive_int("router", router, "max_message_bytes", 4 << 20),
         planner_listen=str(planner.get("listen", "127.0.0.1:50052")),
-        planner_policy=str(planner.get("policy", "edf")),
+        planner_policy=policy,
         planner_interval_ms=_positive_int("planner", planner, "interval_ms", 250),
         lease_ms=_positive_int("limits", limits, "lease_ms", 3000),
         heartbeat_ms=_positive_int("limits", limits, "heartbeat_ms", 500),

@@ -7,10 +7,13 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from .config import ConfigError
 
 log = logging.getLogger("qlm")
 
@@ -74,20 +77,36 @@ async def run_until_signal(stop: asyncio.Event | None = None) -> None:
     await stop.wait()
 
 
-def run(main) -> None:
+def redis_url(args, config) -> str:
+    """The Redis a service uses: --redis-url, else QLM_REDIS_URL or the config's redis.url."""
+    url = args.redis_url or config.redis_url
+    if url == "embedded":
+        raise ConfigError(
+            f"{config.path}: redis.url is 'embedded', a Redis that only `qlm up` starts (and "
+            "shares with the services it runs); a service started on its own needs "
+            "--redis-url or QLM_REDIS_URL (redis://host:port)")
+    return url
+
+
+def run(main, prog: str = "qlm") -> None:
     """Runs a service's main coroutine, on uvloop when it is installed (QLM_EVENT_LOOP=asyncio
-    keeps the standard loop)."""
+    keeps the standard loop). A config the service cannot start with ends it with the
+    reason and status 2, as `qlm up` does, not a traceback."""
     import os
 
-    if os.environ.get("QLM_EVENT_LOOP", "uvloop") == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            uvloop = None
-        if uvloop is not None:
-            uvloop.run(main)
-            return
-    asyncio.run(main)
+    try:
+        if os.environ.get("QLM_EVENT_LOOP", "uvloop") == "uvloop":
+            try:
+                import uvloop
+            except ImportError:
+                uvloop = None
+            if uvloop is not None:
+                uvloop.run(main)
+                return
+        asyncio.run(main)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def service_parser(module: str, doc: str, listen_of: str) -> argparse.ArgumentParser:

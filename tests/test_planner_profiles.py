@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from qlm import config as qlm_config
+from qlm.core import variants
+from qlm.core.cpsat import RefinedPlanGenerator
 from qlm.engines.sim import SimProfile
 from services.planner.loop import build_policy
 
-from .harness import ROOT
+from .harness import ROOT, write_config
 
 
 def test_vllm_stack_plans_with_the_measured_profile_and_the_workers_batch_limit(tmp_path):
@@ -32,11 +36,48 @@ def test_vllm_stack_plans_with_the_measured_profile_and_the_workers_batch_limit(
     assert tp.batch("w1", "large") == measured.max_running
 
 
-def test_qlm_nopull_is_qlm_without_pulling_from_other_queues():
+def test_every_planner_variant_is_built_with_what_it_changes():
     cfg = qlm_config.load(ROOT / "deploy" / "vllm-cpu.yaml")
-    assert build_policy(cfg, "qlm").pull_elsewhere is True
-    nopull = build_policy(cfg, "qlm-nopull")
-    assert nopull.pull_elsewhere is False and nopull.name == "qlm-nopull"
+    built = {name: build_policy(cfg, name) for name in variants.VARIANTS}
+    generators = {name: getattr(p, "generator", p) for name, p in built.items()}
+    assert isinstance(built["qlm-cpsat"], RefinedPlanGenerator)
+    assert not isinstance(built["qlm"], RefinedPlanGenerator)
+    assert {n: g.name for n, g in generators.items()} == {n: n for n in variants.VARIANTS}
+    changed = {(n, attr) for n, g in generators.items()
+               for attr in ("pull_elsewhere", "max_evictions", "tpot_limits")
+               if getattr(g, attr) != getattr(generators["qlm"], attr)}
+    assert changed == {("qlm-nopull", "pull_elsewhere"), ("qlm-noevict", "max_evictions"),
+                       ("qlm-tpot", "tpot_limits")}
+    assert generators["qlm"].pull_elsewhere and generators["qlm"].max_evictions > 0
+    # the profiles reach every variant
+    assert all(g.estimator.throughput.batch("w0", "small") == built["qlm"].estimator.throughput
+               .batch("w0", "small") for g in generators.values())
+
+
+@pytest.mark.parametrize("policy, message", [
+    ("oracle", r"planner\.policy: unknown planner policy 'oracle' \(the oracle knows every "
+               r"output length in advance: qlm bench sim only\); known: fcfs, priority, edf, "
+               r"qlm, qlm-cpsat, qlm-tpot, qlm-noevict, qlm-nopull"),
+    ("qlm-fast", r"unknown planner policy 'qlm-fast'; known: .*qlm-nopull"),
+])
+def test_a_config_naming_a_policy_no_planner_runs_is_refused_at_load(tmp_path, policy, message):
+    path = write_config(tmp_path, workers=[{"id": "w0", "models": ["small"]}],
+                        planner={"policy": policy})
+    with pytest.raises(qlm_config.ConfigError, match=message):
+        qlm_config.load(path)
+    with pytest.raises(ValueError, match=message.split(": ", 1)[1]):
+        build_policy(qlm_config.load(write_config(tmp_path, workers=[])), policy)
+
+
+def test_the_qlm_planner_without_engine_profiles_is_a_config_error(tmp_path):
+    cfg = qlm_config.load(write_config(tmp_path, workers=[{"id": "w0", "models": ["small"]}]))
+    bare = dataclasses.replace(cfg, workers=tuple(
+        dataclasses.replace(w, options={k: v for k, v in w.options.items() if k != "profile"})
+        for w in cfg.workers))
+    assert build_policy(cfg, "qlm").estimator.throughput.batch("w0", "small") > 0
+    with pytest.raises(qlm_config.ConfigError, match="needs engine profiles.*qlm profile"):
+        build_policy(bare, "qlm")
+    assert build_policy(bare, "edf") is not None  # the planner's own policies need none
 
 
 def test_a_measured_profile_keeps_the_engines_chunk_budget(tmp_path):

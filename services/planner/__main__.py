@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 
 from qlm import config as qlm_config
+from qlm.core import variants
 from qlm.serving import (
     GrpcServer,
     host_port,
+    redis_url,
     run,
     run_until_signal,
     service_parser,
@@ -25,7 +27,7 @@ log = logging.getLogger("qlm.planner")
 async def serve(args) -> None:
     config = qlm_config.load(args.config)
     listen = args.listen or config.planner_listen
-    store = QueueStore.connect(args.redis_url or config.redis_url)
+    store = QueueStore.connect(redis_url(args, config))
     loop = PlannerLoop(config, store, policy=args.policy)
     server = GrpcServer("qlm.v1.Planner", listen)
     planner_pb2_grpc.add_PlannerServicer_to_server(PlannerService(loop), server.server)
@@ -46,11 +48,15 @@ async def serve(args) -> None:
 def main() -> None:
     parser = service_parser("services.planner", __doc__, "planner.listen")
     parser.add_argument("--policy", default=None,
-                        help="override planner.policy "
-                             "(fcfs, priority, edf, qlm, qlm-cpsat, qlm-tpot, qlm-nopull)")
+                        help=f"override planner.policy ({', '.join(variants.PLANNER_POLICIES)})")
     args = parser.parse_args()
+    if args.policy is not None:
+        try:
+            variants.check(args.policy)
+        except ValueError as e:
+            parser.error(str(e))
     setup_logging("planner")
-    run(serve(args))
+    run(serve(args), "python -m services.planner")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ import uuid
 
 import grpc
 
-from qlm.config import StackConfig
-from qlm.core import policies
-from qlm.core.cpsat import RefinedPlanGenerator
+from qlm.config import ConfigError, StackConfig
+from qlm.core import policies, variants
 from qlm.core.estimator import InstanceThroughput
 from qlm.core.plan import GroupView, Plan, RunningView, SloView, Snapshot, WorkerView
-from qlm.core.plan_generator import PlanGenerator, observer
+from qlm.core.plan_generator import observer
 from qlm.engines import sim_profiles
 from qlm.engines.sim import SimProfile
 from qlm.serving import cancel_and_wait
@@ -84,8 +83,10 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
     opt-in, not qlm's default, because on the modern scenario it removed the few TPOT misses
     but cost more TTFT misses than it saved (docs/benchmarks.md, "TPOT step limits").
     `qlm-nopull` is qlm whose workers with free slots do not take their model's groups from
-    other workers' queues (PlanGenerator.pull_elsewhere), for comparison."""
-    if name not in ("qlm", "qlm-cpsat", "qlm-tpot", "qlm-nopull"):
+    other workers' queues (PlanGenerator.pull_elsewhere), for comparison; `qlm-cpsat`
+    refines each greedy plan with CP-SAT once it is in force (plan_once)."""
+    variants.check(name)
+    if name not in variants.VARIANTS:
         return policies.get(
             name, {c.name: c.ttft_deadline_ms for c in config.slo_classes.values()})
     throughput = InstanceThroughput()
@@ -105,15 +106,13 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
             throughput.set_profile(w.id, m, profile)
             load_s[w.id] = max(load_s.get(w.id, 0.0), profile.warm_load_ms / 1000)
             cold_s[w.id, m] = profile.load_ms / 1000
-    if not load_s:
-        raise ValueError("the qlm policy needs engine profiles: no worker of the config has one")
-    generator = PlanGenerator(
-        throughput, swap_s=lambda wid: load_s.get(wid, 0.0), name=name,
+    if config.workers and not load_s:  # (a stack of no workers has nothing to plan yet)
+        raise ConfigError(f"planner policy {name}: it needs engine profiles, and no worker of "
+                          f"{config.path} has one (`qlm profile` measures one)")
+    return variants.build(
+        name, throughput, swap_s=lambda wid: load_s.get(wid, 0.0),
         cold_swap_s=lambda wid, model: cold_s.get((wid, model), 0.0),
-        slo_deadlines_s={c.name: c.ttft_deadline_ms / 1000 for c in config.slo_classes.values()},
-        tpot_limits=name == "qlm-tpot", pull_elsewhere=name != "qlm-nopull")
-    # qlm-cpsat: CP-SAT refines each greedy plan once it is in force (plan_once)
-    return RefinedPlanGenerator(generator) if name == "qlm-cpsat" else generator
+        slo_deadlines_s={c.name: c.ttft_deadline_ms / 1000 for c in config.slo_classes.values()})
 
 
 class PlannerLoop:

@@ -8,6 +8,7 @@ from qlm import config as qlm_config
 from qlm.serving import (
     GrpcServer,
     host_port,
+    redis_url,
     run,
     run_until_signal,
     service_parser,
@@ -24,7 +25,7 @@ log = logging.getLogger("qlm.router")
 async def serve(args) -> None:
     config = qlm_config.load(args.config)
     listen = args.listen or config.router_listen
-    store = QueueStore.connect(args.redis_url or config.redis_url)
+    store = QueueStore.connect(redis_url(args, config))
     service = RouterService(config, store)
     await service.start()
     limit = config.router_max_message_bytes
@@ -48,7 +49,7 @@ async def serve(args) -> None:
 def main() -> None:
     args = service_parser("services.router", __doc__, "router.listen").parse_args()
     setup_logging("router")
-    run(serve(args))
+    run(serve(args), "python -m services.router")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from qlm.engines import create_engine
 from qlm.serving import (
     GrpcServer,
     host_port,
+    redis_url,
     run,
     run_until_signal,
     service_parser,
@@ -29,7 +30,7 @@ async def serve(args) -> None:
     worker = config.worker(args.worker_id)
     if args.listen:
         worker = dataclasses.replace(worker, listen=args.listen, advertise=args.listen)
-    store = QueueStore.connect(args.redis_url or config.redis_url)
+    store = QueueStore.connect(redis_url(args, config))
     engine = create_engine(worker, config)
     await engine.start()
     runner = WorkerRunner(config, worker, engine, store)
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--worker-id", required=True)
     args = parser.parse_args()
     setup_logging(f"worker[{args.worker_id}]")
-    run(serve(args))
+    run(serve(args), "python -m services.worker")
 
 
 if __name__ == "__main__":
