@@ -97,6 +97,18 @@ def test_runs_side_by_side_give_the_runs_of_one_at_a_time(trace, profiles):
     assert serial[2]["ttft_p50_s"] > 2 * serial[0]["ttft_p50_s"]  # the loads differ
 
 
+def test_the_progress_bar_of_runs_side_by_side_ticks_while_they_compute(
+        trace, profiles, capsys, monkeypatch):
+    monkeypatch.setattr(bench_sim, "PROGRESS_EVERY_S", 0.05)
+    bench_sim.run(str(trace), "wa", ["fcfs", "edf"], [1.0], profiles_dir=profiles, jobs=2)
+    bars = capsys.readouterr().err.split("\r")[1:]
+    # redrawn with the clock (spawning alone takes longer than a tick) before the first run
+    # is in, and the last line says all are done
+    waiting = [b for b in bars if "] 0/2" in b]
+    assert len(waiting) >= 2 and waiting[-1] != waiting[0]
+    assert bars[-1].startswith("[" + "#" * 20 + "] 2/2 in ")
+
+
 def test_runs_with_a_fixed_plan_time_repeat_exactly(trace, profiles):
     # here and in spawned processes (other hash seeds): every figure but the measured plan
     # times is the same; a plan charged 2 s instead of 20 ms changes the run

@@ -58,6 +58,7 @@ def tpot_met(r) -> bool | None:
 
 
 QLM_NAMES = (*variants.VARIANTS, "oracle")
+PROGRESS_EVERY_S = 1.0  # how often the progress bar of runs side by side is redrawn
 POLICY_NAMES = (*policies.NAMES, *QLM_NAMES)
 
 
@@ -253,10 +254,13 @@ def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], 
                 min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             pending = {pool.submit(_simulate, *common, *t): t for t in slowest_first}
-            report()
-            for future in concurrent.futures.as_completed(pending):
-                runs[pending[future]] = future.result()
+            # the clock ticks while runs compute (the first ones take minutes)
+            while pending:
                 report()
+                done, _ = concurrent.futures.wait(pending, timeout=PROGRESS_EVERY_S,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    runs[pending.pop(future)] = future.result()
     if progress:
         print(f"\r[{'#' * 20}] {len(tasks)}/{len(tasks)} in {time.monotonic() - started:.1f}s"
               + " " * 20, file=sys.stderr)
