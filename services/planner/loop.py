@@ -81,7 +81,7 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
     profiles (from the stack config: sim workers name theirs). `qlm-tpot` is qlm with step
     limits where TPOT-bound work runs (qlm/core/tpot.py), pushed to workers: an explicit
     opt-in, not qlm's default, because on the modern scenario it removed the few TPOT misses
-    but cost more TTFT misses than it saved (docs/benchmarks.md, "TPOT step limits").
+    but cost more TTFT misses than it saved (docs/benchmarks-history.md, "TPOT step limits").
     `qlm-nopull` is qlm whose workers with free slots do not take their model's groups from
     other workers' queues (PlanGenerator.pull_elsewhere), for comparison; `qlm-cpsat`
     refines each greedy plan with CP-SAT once it is in force (plan_once)."""
