@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--routers", type=int, default=1,
                    help="router processes sharing the mesh's load (they are stateless)")
+    p.add_argument("--policy", default=None,
+                   help="the planner's policy (default: deploy/local.yaml's, qlm)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_bench_mesh)
 

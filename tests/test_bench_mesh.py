@@ -20,13 +20,15 @@ def test_bench_mesh_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "qlm", "bench", "mesh", "--requests", str(REQUESTS),
          "--concurrency", str(CONCURRENCY), "--max-tokens", str(MAX_TOKENS), "--workers", "1",
-         "--json", str(out)],
+         "--policy", "edf", "--json", str(out)],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
 
     assert report["params"]["max_tokens"] == MAX_TOKENS
+    # the planner ran the policy asked for, not the default stack's (qlm)
+    assert report["params"]["planner_policy"] == "edf" and "planner policy: edf" in proc.stdout
     assert [(p["phase"], p["concurrency"]) for p in report["phases"]] == [
         ("latency", 1), ("throughput", CONCURRENCY)]
     for phase in report["phases"]:
@@ -51,6 +53,13 @@ def test_bench_mesh_smoke(tmp_path):
                 mesh["cpu_ms_per_request"])
     assert report["aims"]["mesh_rps"] == report["phases"][1]["rows"]["mesh"]["rps"]
     assert "mesh throughput" in proc.stdout and "added p50 TTFT" in proc.stdout
+
+
+def test_a_policy_no_planner_runs_is_refused_before_anything_starts():
+    proc = subprocess.run([sys.executable, "-m", "qlm", "bench", "mesh", "--policy", "oracle"],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "qlm bench mesh: planner.policy: unknown planner policy 'oracle'" in proc.stderr
 
 
 def test_short_or_missing_output_does_not_count():

@@ -260,10 +260,12 @@ async def serve_bare(port: int) -> None:
 # --- processes -------------------------------------------------------------------------------
 
 
-def write_stack_config(folder: str, workers: int) -> str:
-    """deploy/local.yaml's models, classes and limits; free ports; sim workers serving MODEL
-    that take no time."""
+def write_stack_config(folder: str, workers: int, policy: str | None = None) -> str:
+    """deploy/local.yaml's models, classes, limits and planner policy (unless `policy`);
+    free ports; sim workers serving MODEL that take no time."""
     base = yaml.safe_load(qlm_config.DEFAULT_CONFIG.read_text())
+    if policy:
+        base["planner"]["policy"] = policy
     base["redis"] = {"url": "embedded"}
     base["router"]["listen"] = f"127.0.0.1:{free_port()}"
     base["planner"]["listen"] = f"127.0.0.1:{free_port()}"
@@ -362,16 +364,17 @@ def process_ids(stack: Stack, bare: subprocess.Popen,
 
 
 def run(requests: int = 4000, concurrency: int = 64, max_tokens: int = 8, workers: int = 2,
-        routers: int = 1, profile: str | None = None) -> dict:
+        routers: int = 1, profile: str | None = None, policy: str | None = None) -> dict:
     """Starts the stack and the baselines, measures, stops everything; returns the results.
     `routers` > 1 spreads the mesh's load over that many router processes (scale-out);
-    `profile` names a file for cProfile stats of a router that then takes all the mesh load."""
+    `profile` names a file for cProfile stats of a router that then takes all the mesh load;
+    `policy` is the planner's (default: deploy/local.yaml's)."""
     phases = [("latency", 1, min(LATENCY_REQUESTS, requests)),
               ("throughput", concurrency, requests)]
     own: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="qlm-bench-") as folder:
         # "embedded" even when QLM_REDIS_URL is set: the benchmark must not share queue state
-        cfg = dataclasses.replace(qlm_config.load(write_stack_config(folder, workers)),
+        cfg = dataclasses.replace(qlm_config.load(write_stack_config(folder, workers, policy)),
                                   redis_url="embedded")
         stack = Stack(cfg)
         try:
@@ -404,6 +407,7 @@ def run(requests: int = 4000, concurrency: int = 64, max_tokens: int = 8, worker
                     "python": platform.python_version(), "grpcio": grpc.__version__},
         "params": {"requests": requests, "concurrency": concurrency, "max_tokens": max_tokens,
                    "workers": workers, "routers": 1 if profile else routers,
+                   "planner_policy": cfg.planner_policy,
                    "latency_requests": phases[0][2], "prompt": PROMPT, "profile": str(PROFILE)},
         "phases": results,
         "aims": {"rps": AIM_RPS, "mesh_rps": mesh_rps, "rps_met": mesh_rps >= AIM_RPS,
@@ -417,7 +421,8 @@ def run(requests: int = 4000, concurrency: int = 64, max_tokens: int = 8, worker
 
 
 def format_report(report: dict) -> str:
-    lines, cores = [], report["machine"]["cpus"]
+    lines = [f"planner policy: {report['params']['planner_policy']}"]
+    cores = report["machine"]["cpus"]
     head = (f"{'target':<8}{'req/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'e2e p50':>10}"
             f"{'e2e p99':>10}{'req/s/direct':>14}{'TTFT p50/direct':>17}{'+TTFT p50':>11}")
     for phase in report["phases"]:
@@ -465,8 +470,11 @@ def main(args) -> int:
     profile = os.environ.get("QLM_BENCH_PROFILE")
     try:
         report = run(args.requests, args.concurrency, args.max_tokens, args.workers,
-                     routers=args.routers,
-                     profile=profile and os.path.abspath(profile))
+                     routers=args.routers, profile=profile and os.path.abspath(profile),
+                     policy=args.policy)
+    except qlm_config.ConfigError as e:  # a --policy no planner runs
+        print(f"qlm bench mesh: {e}", file=sys.stderr)
+        return 2
     except RuntimeError as e:
         print(f"qlm bench mesh: {e}", file=sys.stderr)
         return 1
