@@ -10,9 +10,13 @@ from . import policies
 VARIANTS: dict[str, dict] = {
     "qlm": {},
     "qlm-cpsat": {},
-    # step limits for TPOT-bound work: opt-in, see services/planner/loop.py build_policy
+    # step limits where TPOT-bound work runs (qlm/core/tpot.py): an opt-in, because on the
+    # modern scenario they removed the few TPOT misses but cost more TTFT misses than that
+    # (docs/benchmarks-history.md, "TPOT step limits")
     "qlm-tpot": {"tpot_limits": True},
     "qlm-noevict": {"max_evictions": 0},
+    # workers with free slots do not take their model's groups from other workers' queues
+    # (PlanGenerator.pull_elsewhere): for comparison
     "qlm-nopull": {"pull_elsewhere": False},
 }
 

@@ -77,14 +77,9 @@ def _worker_view(wid: str, info: dict[str, str], running: list[RunningView]) -> 
 
 
 def build_policy(config: StackConfig, name: str) -> policies.Policy:
-    """The policy called `name`; `qlm` gets an estimator fed with the workers' engine
-    profiles (from the stack config: sim workers name theirs). `qlm-tpot` is qlm with step
-    limits where TPOT-bound work runs (qlm/core/tpot.py), pushed to workers: an explicit
-    opt-in, not qlm's default, because on the modern scenario it removed the few TPOT misses
-    but cost more TTFT misses than it saved (docs/benchmarks-history.md, "TPOT step limits").
-    `qlm-nopull` is qlm whose workers with free slots do not take their model's groups from
-    other workers' queues (PlanGenerator.pull_elsewhere), for comparison; `qlm-cpsat`
-    refines each greedy plan with CP-SAT once it is in force (plan_once)."""
+    """The policy called `name`: one of the planner's own (qlm/core/policies.py) or a qlm
+    variant (qlm/core/variants.py), whose estimator is fed the workers' engine profiles (from
+    the stack config: sim workers name theirs), adjusted to how each worker is configured."""
     variants.check(name)
     if name not in variants.VARIANTS:
         return policies.get(
