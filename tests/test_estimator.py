@@ -320,7 +320,7 @@ def test_remainders_of_a_batch_at_once_are_those_of_the_completions(cap):
 
 
 def test_a_plan_reads_its_snapshots_running_requests_as_censored():
-    from qlm.core.plan import GroupView, Snapshot, WorkerView
+    from qlm.core.plan import GroupView, RunningView, Snapshot, WorkerView
     from qlm.core.plan_generator import PlanGenerator
 
     gen = PlanGenerator(InstanceThroughput(Profile(max_running=64)))
@@ -328,7 +328,7 @@ def test_a_plan_reads_its_snapshots_running_requests_as_censored():
         gen.observe("m", "c", x)
     before = gen.lengths.mean("m", "c")
     worker = WorkerView(id="w", models=("m",), max_running=64, loaded="m", running=32,
-                        running_work=(("c", 500, 0),) * 32)
+                        running_requests=(RunningView("", "c", 500),) * 32)
     gen(Snapshot(now_ms=0, workers=(worker,), groups=(
         GroupView(id="g", model="m", slo_class="c", deadline_ms=10_000, sequence=0, queued=1),)))
     assert gen.lengths.mean("m", "c") > 2 * before

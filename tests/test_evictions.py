@@ -43,9 +43,7 @@ def busy(classes=("batch",) * 4, generated=10, max_tokens=2000) -> WorkerView:
     running = tuple(RunningView(f"r{i}", c, generated, max_tokens, 100 + generated, 1.0)
                     for i, c in enumerate(classes))
     return WorkerView(id="w0", models=("m",), max_running=len(classes), running=len(classes),
-                      loaded="m", running_work=tuple((r.slo_class, r.generated, r.max_tokens)
-                                                     for r in running),
-                      running_requests=running)
+                      loaded="m", running_requests=running)
 
 
 def snapshot(worker, deadline_s=2.0, queued=1, slo=SLO) -> Snapshot:
@@ -86,6 +84,10 @@ def test_no_eviction_that_would_not_save_the_deadline():
     # nothing has its first token yet: eviction would cost them their TTFT
     fresh = busy(generated=0)
     assert generator()(snapshot(fresh)).evictions == {}
+    # a batch whose requests the snapshot does not name: nothing to name in an eviction
+    anonymous = dataclasses.replace(busy(), running_requests=tuple(
+        dataclasses.replace(r, id="") for r in busy().running_requests))
+    assert generator()(snapshot(anonymous)).evictions == {}
     # without SLO classes (or when switched off) the plan evicts nothing
     assert generator()(snapshot(busy(), slo={})).evictions == {}
     assert generator(max_evictions=0)(snapshot(busy())).evictions == {}

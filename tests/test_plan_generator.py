@@ -10,7 +10,7 @@ import pytest
 
 from qlm.core import policies
 from qlm.core.estimator import InstanceThroughput, WaitEstimate
-from qlm.core.plan import GroupView, SloView, Snapshot, WorkerView
+from qlm.core.plan import GroupView, RunningView, SloView, Snapshot, WorkerView
 from qlm.core.plan_generator import ExactLengths, PlanGenerator, _LeastLoaded
 from qlm.engines.sim import SimProfile
 
@@ -36,7 +36,7 @@ def group(gid, deadline_s, queued=4, tokens=100, model="m", seq=None) -> GroupVi
 def busy_worker() -> WorkerView:
     """All 4 slots taken by requests with 500 tokens to go: 5 s until one frees."""
     return WorkerView(id="w0", models=("m",), max_running=4, loaded="m",
-                      running_work=(("c", 0, 500),) * 4)
+                      running_requests=(RunningView("", "c", 0, 500),) * 4)
 
 
 def worker(wid, models=("m",), loaded="m") -> WorkerView:
@@ -206,7 +206,7 @@ def test_loose_work_of_a_model_moves_to_the_worker_serving_it(y_deadline_s, move
     models = ("m", "x", "y")
     workers = (WorkerView(id="w0", models=models, max_running=4, loaded="m"),
                WorkerView(id="w1", models=models, max_running=4, loaded="x",
-                          running_work=(("c", 0, 300),) * 4))
+                          running_requests=(RunningView("", "c", 0, 300),) * 4))
     groups = (group("g1", 20.0, queued=1, tokens=10, model="m"),
               group("g2", y_deadline_s, queued=4, tokens=100, model="y"),
               group("g3", 1000.0, queued=4, tokens=100, model="m"))
@@ -240,7 +240,7 @@ def test_work_moved_in_leaves_the_head_time_to_prefill_its_prompts(head_deadline
             tp.set_profile(w, m, profile)
     workers = (WorkerView(id="w0", models=models, max_running=4, loaded="m"),
                WorkerView(id="w1", models=models, max_running=4, loaded="x",
-                          running_work=(("c", 0, 300),) * 4))
+                          running_requests=(RunningView("", "c", 0, 300),) * 4))
     groups = (group("g1", head_deadline_s, queued=1, tokens=10, model="m"),
               group("g2", 60.0, queued=4, tokens=100, model="y"),
               dataclasses.replace(group("g3", 1000.0, queued=4, tokens=100, model="m"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from qlm.core.estimator import InstanceThroughput
-from qlm.core.plan import GroupView, SloView, Snapshot, StepLimit, WorkerView
+from qlm.core.plan import GroupView, RunningView, SloView, Snapshot, StepLimit, WorkerView
 from qlm.core.plan_generator import PlanGenerator
 from qlm.core.tpot import CappedThroughput, step_limit, step_limits
 from qlm.engines.sim import SimProfile
@@ -44,7 +44,7 @@ def snapshot(classes, groups=(), running=(), models=("m",)):
         groups=tuple(GroupView(f"g{i}", m, c, 60_000, i, 4, prompt_tokens=400)
                      for i, (m, c) in enumerate(groups)),
         workers=(WorkerView("w0", models, 115, len(running), loaded=models[0],
-                            running_work=tuple((c, 5, 0) for c in running)),),
+                            running_requests=tuple(RunningView("", c, 5) for c in running)),),
         slo_classes=classes)
 
 

@@ -15,7 +15,7 @@ from qlm.bench import percentile
 from qlm.core import policies
 from qlm.core.cpsat import CpSatRefiner, score
 from qlm.core.estimator import InstanceThroughput
-from qlm.core.plan import GroupView, Snapshot, WorkerView
+from qlm.core.plan import GroupView, RunningView, Snapshot, WorkerView
 from qlm.core.plan_generator import PlanGenerator
 from qlm.engines.sim import SimProfile
 
@@ -43,7 +43,7 @@ def snapshot(groups: int, workers: int, models: int = 2, seed: int = 0) -> Snaps
         workers=tuple(
             WorkerView(id=f"w{i}", models=tuple(names), max_running=64,
                        loaded=names[i % models], running=32,
-                       running_work=(("i", rng.randint(0, 200), 0),) * 32)
+                       running_requests=(RunningView("", "i", rng.randint(0, 200)),) * 32)
             for i in range(workers)),
     )
 
@@ -69,7 +69,8 @@ def small_snapshot(seed: int) -> Snapshot:
         workers.append(WorkerView(
             id=f"w{i}", models=models, max_running=64, loaded=models[i % len(models)],
             running=running,
-            running_work=tuple(("i", rng.randint(0, 300), 0) for _ in range(running))))
+            running_requests=tuple(RunningView("", "i", rng.randint(0, 300))
+                                   for _ in range(running))))
     groups = tuple(
         GroupView(id=f"g{j}", model=rng.choice(names), slo_class=rng.choice(["i", "b"]),
                   deadline_ms=int(rng.uniform(1, 40) * 1000), sequence=j,

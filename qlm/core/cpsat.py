@@ -77,7 +77,7 @@ class _Scorer:
     def fresh(self, wid: str):
         """The estimator's empty virtual queue of `wid`, as the greedy plan starts it."""
         w = self.workers[wid]
-        return self.gen._empty_queue(w, [(c, g, m or None) for c, g, m in w.running_work])
+        return self.gen._empty_queue(w, self.gen._running(w))
 
     def queue(self, wid: str, gids) -> tuple[int, int, int, dict, dict]:
         """(met, total, swaps, gid -> slack s, gid -> WaitEstimate) of one virtual queue."""
@@ -551,12 +551,12 @@ class _Model:
 
     def _running_fluid(self, w) -> int:
         """The batch now as work ahead (ms of a full batch): the fluid start of its queue."""
-        if not w.loaded or not w.running_work:
+        if not w.loaded or not w.running_requests:
             return 0
         tp = self.gen.estimator.throughput
         step = tp.step_s(w.id, w.loaded, tp.batch(w.id, w.loaded))
-        left = sum(self.gen.lengths.moments(w.loaded, c, m or None, g)[0]
-                   for c, g, m in w.running_work)
+        left = sum(self.gen.lengths.moments(w.loaded, r.slo_class, r.max_tokens or None,
+                                            r.generated)[0] for r in w.running_requests)
         return _ms(left * step / self.batch.get((w.id, w.loaded), tp.batch(w.id, w.loaded)))
 
     def queues(self, solver: cp_model.CpSolver) -> dict[str, list[str]]:

@@ -57,12 +57,10 @@ class WorkerView:
     running: int = 0
     # The model loaded now ("" unknown); `models` are those it can serve (maybe after a swap).
     loaded: str = ""
-    # The batch now: (slo_class, tokens generated, max_tokens or 0 when unknown) per request.
-    running_work: tuple[tuple[str, int, int], ...] = ()
     # Seconds until its engine next takes new work (the end of the step under way), if known.
     ready_in_s: float = 0.0
-    # The same batch by request when the snapshot knows their ids (evictions name them), in
-    # running_work's order; empty: the plan evicts nothing here.
+    # The batch now, by request. A plan evicts only where every one has its id (an eviction
+    # names them); context_tokens 0: unknown, and the KV cache is then not modelled there.
     running_requests: tuple[RunningView, ...] = ()
     # Models it holds warm (in CPU memory: swapping to them is a warm start) besides the loaded
     # one; None: unknown, every swap is priced warm.

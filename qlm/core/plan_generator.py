@@ -259,9 +259,9 @@ class PlanGenerator:
         """ready_s, and the prompt tokens the batch still owes then (less than a chunk)."""
         delay = max(self._compute_s, default=0.0)
         t = w.ready_in_s
-        if not w.running_work or not w.loaded:
+        if not w.running_requests or not w.loaded:
             return max(t, delay), 0
-        tp, batch = self.estimator.throughput, len(w.running_work)
+        tp, batch = self.estimator.throughput, len(w.running_requests)
         step = tp.step_s(w.id, w.loaded, batch)
         owed = w.prefill_tokens if tp.chunked(w.id, w.loaded) else 0
         # the budget less a token for each of the batch (the few still prefilling take none,
@@ -616,14 +616,16 @@ class PlanGenerator:
     def _plan_evictions(self, snapshot: Snapshot, plan: Plan, waits, now_s: float) -> None:
         slo = snapshot.slo_classes
         groups = self._views
+        # an eviction names its requests: only where the snapshot knows every id
         heads = sorted(((groups[q[0]], w) for w in snapshot.workers
-                        if (q := plan.queues[w.id]) and w.running_requests),
+                        if (q := plan.queues[w.id]) and w.running_requests
+                        and all(r.id for r in w.running_requests)),
                        key=lambda h: (h[0].deadline_ms, h[0].sequence))
         left = self.max_evictions
         for g, w in heads:
             budget = g.deadline_ms / 1000 - now_s
             if (left <= 0 or g.queued <= 0 or g.slo_class not in slo or g.model != w.loaded
-                    or budget <= self.ready_s(w) or len(w.running_requests) != len(w.running_work)
+                    or budget <= self.ready_s(w)
                     or self._late_behind(plan.queues[w.id][1:], groups, now_s)):
                 continue
             victims = self._victims(w, g, slo, waits[w.id], now_s)
@@ -685,10 +687,8 @@ class PlanGenerator:
 
     @staticmethod
     def _running(w: WorkerView, running=None) -> list[tuple]:
-        """w's batch as the estimator takes it: by request, with the context each holds in
-        KV cache, when the snapshot names them; else as running_work."""
-        if running is None and len(w.running_requests) != len(w.running_work):
-            return [(c, g, m or None) for c, g, m in w.running_work]
+        """w's batch (or `running`) as the estimator takes it: by request, with the context
+        each holds in KV cache where known."""
         return [(r.slo_class, r.generated, r.max_tokens or None, r.context_tokens or None)
                 for r in (w.running_requests if running is None else running)]
 
@@ -739,5 +739,5 @@ class PlanGenerator:
         stall = tail.next_wait(QueuedGroup(w.loaded, r.slo_class, 1, r.context_tokens))
         finish_s = (now_s - r.first_token_ms / 1000 + stall.quantile(self.z)
                     + r.context_tokens * self.resume_s_per_token(w.id, w.loaded)
-                    + left * tp.step_s(w.id, w.loaded, max(len(w.running_work), 1)))
+                    + left * tp.step_s(w.id, w.loaded, max(len(w.running_requests), 1)))
         return finish_s <= tpot_s * max(r.generated + left - 1, 1)

@@ -56,7 +56,7 @@ def tightest_tpot(snapshot: Snapshot, worker: WorkerView) -> float | None:
     def tpots(classes: Iterable[str]):
         return (slo[c].tpot_s for c in classes if c in slo and slo[c].tpot_s is not None)
 
-    running = (c for c, _, _ in worker.running_work)
+    running = (r.slo_class for r in worker.running_requests)
     queued = (g.slo_class for g in snapshot.groups if g.model in worker.models and g.queued)
     return min((*tpots(running), *tpots(queued)), default=None)
 

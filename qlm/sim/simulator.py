@@ -383,8 +383,6 @@ class Simulation:
             id=inst.spec.name, models=inst.spec.models,
             max_running=inst.profiles[model].max_running,
             running=len(inst.running), loaded=model, ready_in_s=ready_in_s,
-            running_work=tuple((r.spec.slo_class, r.generated + done, cap(r))
-                               for r in inst.running),
             running_requests=tuple(
                 RunningView(str(r.spec.id), r.spec.slo_class, r.generated + done, cap(r),
                             r.context + done,

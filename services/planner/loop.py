@@ -69,7 +69,6 @@ def _worker_view(wid: str, info: dict[str, str], running: list[RunningView]) -> 
         id=wid, models=models, max_running=int(info.get("max_running") or 1),
         running=int(info.get("running") or 0), loaded=loaded[0] if loaded else "",
         warm=tuple(info.get("warm", "").split()),
-        running_work=tuple((r.slo_class, r.generated, r.max_tokens) for r in running),
         running_requests=tuple(running),
         # what a chunked prefill still owes, at most: the prompts of those with no token yet
         prefill_tokens=sum(r.context_tokens for r in running if not r.generated),
