@@ -130,7 +130,7 @@ def req(i, arrival, out, cls="batch", deadline=3600.0, prompt=10) -> SimRequest:
 
 def simulate(requests, policy, kv_swap_ms=None, profile=PROFILE, **kw):
     fleet = [(InstanceSpec("w0", "a100", ("m",)), {"m": profile})]
-    return Simulation(requests, fleet, policy, charge_planner=False, oracle=True,
+    return Simulation(requests, fleet, policy, plan_time_s=0, oracle=True,
                       kv_swap_ms={"w0": {"m": kv_swap_ms}} if kv_swap_ms else None, **kw).run()
 
 

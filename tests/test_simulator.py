@@ -33,7 +33,7 @@ def fleet(n=1, models=("m",), **kw):
 
 def run(requests, policy="fcfs", **kw):
     sim_kw = {k: kw.pop(k) for k in list(kw) if k in
-              ("fold_steps", "max_group_size", "charge_planner", "plan_interval_s")}
+              ("fold_steps", "max_group_size", "plan_time_s", "plan_interval_s")}
     return Simulation(requests, fleet(**kw), policies.get(policy), **sim_kw).run()
 
 
@@ -76,7 +76,7 @@ def test_folding_steps_changes_no_timing(policy):
                     cls=rng.choice(["interactive", "batch"]),
                     deadline=rng.choice([2.0, 60.0])) for i in range(300)]
     kw = dict(n=2, max_running=8, prefill_ms_per_token=0.05, decode_ms_per_seq=0.5,
-              charge_planner=False)
+              plan_time_s=0)
     folded = run(requests, policy, **kw)
     stepped = run(requests, policy, fold_steps=False, **kw)
     for a, b in zip(folded.requests, stepped.requests, strict=True):
@@ -139,7 +139,7 @@ def test_a_swap_under_way_shows_as_the_model_it_loads():
         return policies.edf(snapshot)
 
     Simulation([req(0, 0.0, 1, model="b"), req(1, 2.0, 1, model="b")], fleet(models=("a", "b")),
-               policy, charge_planner=False).run()
+               policy, plan_time_s=0).run()
     during = [(loaded, ready) for t, loaded, ready in seen if 0 < t < 5000]
     assert during and all(loaded == "b" for loaded, _ in during)
     assert all(ready > 0 for _, ready in during)  # and busy until the load is done

@@ -96,7 +96,7 @@ def tpot_of(limits: bool):
     batch = SimRequest(1, 0.1, 4000, 5, "m", "batch", 60.0)
     gen = PlanGenerator(throughput(SMALL, ("i0",)), tpot_limits=limits)
     result = Simulation([chat, batch], [(InstanceSpec("i0", "a100", ("m",)), {"m": SMALL})],
-                        gen, charge_planner=False).run()
+                        gen, plan_time_s=0).run()
     r = result.requests[0]
     assert r.finish_s is not None and result.requests[1].finish_s is not None
     return (r.finish_s - r.first_token_s) / (r.spec.output_length - 1)
@@ -114,7 +114,7 @@ def test_chunked_prefill_delays_the_first_token_not_the_work():
     long = SimRequest(1, 0.1, 1000, 3, "m", "batch", 60.0)
     gen = PlanGenerator(throughput(SMALL, ("i0",)), tpot_limits=True)
     sim = Simulation([chat, long], [(InstanceSpec("i0", "a100", ("m",)), {"m": SMALL})], gen,
-                     charge_planner=False)
+                     plan_time_s=0)
     r = sim.run().requests[1]
     limit = step_limit(throughput(SMALL, ("i0",)), "i0", "m", 0.1)
     chunks = -(-1000 // limit.max_prefill_tokens)

@@ -183,7 +183,6 @@ class Simulation:
         max_group_size: int = 32,
         plan_interval_s: float = 1.0,
         plan_debounce_s: float = 0.02,
-        charge_planner: bool = True,
         plan_time_s: float | None = None,
         fold_steps: bool = True,
         oracle: bool = False,
@@ -205,10 +204,9 @@ class Simulation:
         self.max_group_size = max_group_size
         self.plan_interval_s = plan_interval_s
         self.plan_debounce_s = plan_debounce_s
-        self.charge_planner = charge_planner
         # each plan charged this long instead of its measured compute time: a run that does
         # not depend on how busy the machine is (the same plans, given a policy that is told
-        # the same time; see bench sim's --plan-ms)
+        # the same time; see bench sim's --plan-ms); 0: plans take effect at once
         self.plan_time_s = plan_time_s
         # Folding runs several decode steps as one event when nothing can change the batch
         # meanwhile; off, every step is an event (slow, used to check the folding).
@@ -409,9 +407,7 @@ class Simulation:
         plan = self.policy(snapshot)
         compute_s = time.perf_counter() - started
         self.planner_ms.append(compute_s * 1000)
-        if not self.charge_planner:
-            compute_s = 0.0
-        elif self.plan_time_s is not None:
+        if self.plan_time_s is not None:
             compute_s = self.plan_time_s
         ready = self.now + compute_s
         self._installs.append(ready)
