@@ -97,16 +97,23 @@ def test_runs_side_by_side_give_the_runs_of_one_at_a_time(trace, profiles):
     assert serial[2]["ttft_p50_s"] > 2 * serial[0]["ttft_p50_s"]  # the loads differ
 
 
-def test_the_progress_bar_of_runs_side_by_side_ticks_while_they_compute(
+def test_the_progress_bar_of_runs_side_by_side_ticks_on_a_terminal(
         trace, profiles, capsys, monkeypatch):
     monkeypatch.setattr(bench_sim, "PROGRESS_EVERY_S", 0.05)
-    bench_sim.run(str(trace), "wa", ["fcfs", "edf"], [1.0], profiles_dir=profiles, jobs=2)
+    args = (str(trace), "wa", ["fcfs", "edf"], [1.0])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bench_sim.run(*args, profiles_dir=profiles, jobs=2)
     bars = capsys.readouterr().err.split("\r")[1:]
     # redrawn with the clock (spawning alone takes longer than a tick) before the first run
     # is in, and the last line says all are done
     waiting = [b for b in bars if "] 0/2" in b]
     assert len(waiting) >= 2 and waiting[-1] != waiting[0]
     assert bars[-1].startswith("[" + "#" * 20 + "] 2/2 in ")
+    # into a log: a line when it starts, after each run but the last, and at the end
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    bench_sim.run(*args, profiles_dir=profiles, jobs=2)
+    bars = capsys.readouterr().err.split("\r")[1:]
+    assert [b.split("]")[1].split()[0] for b in bars] == ["0/2", "1/2", "2/2"]
 
 
 def test_runs_with_a_fixed_plan_time_repeat_exactly(trace, profiles):

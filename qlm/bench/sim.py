@@ -254,10 +254,12 @@ def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], 
                 min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             pending = {pool.submit(_simulate, *common, *t): t for t in slowest_first}
-            # the clock ticks while runs compute (the first ones take minutes)
+            # on a terminal the clock ticks while runs compute (the first ones take minutes);
+            # a log gets a line per finished run
+            every = PROGRESS_EVERY_S if progress and sys.stderr.isatty() else None
             while pending:
                 report()
-                done, _ = concurrent.futures.wait(pending, timeout=PROGRESS_EVERY_S,
+                done, _ = concurrent.futures.wait(pending, timeout=every,
                                                   return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
                     runs[pending.pop(future)] = future.result()
