@@ -39,6 +39,8 @@ def vllm_config(tmp_path, workers, **kw):
         "large": {"max_model_len": 2048, "max_tokens": 1024,
                   "path": str(MODELS / "tiny-large"), "tiny_seed": 1},
     }
+    # these workers have no measured profile, which qlm (the default) plans with
+    kw.setdefault("planner", {"policy": "edf"})
     path = write_config(tmp_path, workers=[], models=models, **kw)
     import yaml
 

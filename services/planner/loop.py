@@ -102,7 +102,8 @@ def build_policy(config: StackConfig, name: str) -> policies.Policy:
             cold_s[w.id, m] = profile.load_ms / 1000
     if config.workers and not load_s:  # (a stack of no workers has nothing to plan yet)
         raise ConfigError(f"planner policy {name}: it needs engine profiles, and no worker of "
-                          f"{config.path} has one (`qlm profile` measures one)")
+                          f"{config.path} has one (`qlm profile` measures one; or choose a "
+                          "policy that needs none: planner.policy edf, fcfs or priority)")
     return variants.build(
         name, throughput, swap_s=lambda wid: load_s.get(wid, 0.0),
         cold_swap_s=lambda wid, model: cold_s.get((wid, model), 0.0),
