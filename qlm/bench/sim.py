@@ -58,7 +58,6 @@ def tpot_met(r) -> bool | None:
 
 
 QLM_NAMES = (*variants.VARIANTS, "oracle")
-PROGRESS_EVERY_S = 1.0  # how often the progress bar of runs side by side is redrawn
 POLICY_NAMES = (*policies.NAMES, *QLM_NAMES)
 
 
@@ -212,6 +211,9 @@ def default_jobs() -> int:
     """The CPUs this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
+
+
+PROGRESS_EVERY_S = 1.0  # how often a terminal's progress bar of runs side by side is redrawn
 
 
 def run(trace: str, scenario: str, policy_names: list[str], loads: list[float], *,

@@ -56,7 +56,7 @@ def main() -> None:
         except ValueError as e:
             parser.error(str(e))
     setup_logging("planner")
-    run(serve(args), "python -m services.planner")
+    run(serve(args), parser.prog)
 
 
 if __name__ == "__main__":

@@ -47,9 +47,10 @@ async def serve(args) -> None:
 
 
 def main() -> None:
-    args = service_parser("services.router", __doc__, "router.listen").parse_args()
+    parser = service_parser("services.router", __doc__, "router.listen")
+    args = parser.parse_args()
     setup_logging("router")
-    run(serve(args), "python -m services.router")
+    run(serve(args), parser.prog)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--worker-id", required=True)
     args = parser.parse_args()
     setup_logging(f"worker[{args.worker_id}]")
-    run(serve(args), "python -m services.worker")
+    run(serve(args), parser.prog)
 
 
 if __name__ == "__main__":
