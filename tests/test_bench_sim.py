@@ -19,7 +19,7 @@ from .harness import PROFILES, ROOT, children, is_running, start_time
 
 KEYS = {"scenario", "load", "policy", "slo_attainment", "slo_attainment_by_class",
         "throughput_rps", "goodput_rps", "ttft_p50_s", "ttft_p99_s", "model_swaps",
-        "evictions", "planner_ms_p99", "estimator_coverage"}
+        "evictions", "planner_ms_p99", "estimator_coverage", "estimator_coverage_pit"}
 
 
 @pytest.fixture

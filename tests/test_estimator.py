@@ -708,6 +708,36 @@ def test_calibration_reports_the_uncertain_waits_apart():
     assert math.isnan(Calibration().coverage_uncertain())
 
 
+def test_calibration_counts_a_sure_wait_estimated_right_as_the_confidence():
+    cal = Calibration(confidence=0.95)
+    sure = WaitEstimate(mean=0.02, std=0.0)
+    assert sure.atom() == (0.02, 1.0)
+    cal.record(sure, 0.02)  # on its atom: a uniform draw over [0, 1] is under 0.95 at 0.95
+    assert cal.coverage() == 1.0 and cal.coverage_pit() == pytest.approx(0.95)
+    cal.record(sure, 0.005)  # before it: under the quantile whatever the draw
+    cal.record(sure, 0.05)  # after it: over
+    assert cal.coverage() == pytest.approx(2 / 3)
+    assert cal.coverage_pit() == pytest.approx((0.95 + 1) / 3)
+    # sure at the confidence through a skewed spread: the atom is the sure part, with the
+    # probability the cube-root normal has below zero
+    skewed = WaitEstimate(mean=0.11, std=0.8, fixed=0.01)
+    at, mass = skewed.atom()
+    assert skewed.quantile(cal.z) == pytest.approx(0.01)
+    assert at == 0.01 and 0.95 < mass < 1
+    assert skewed.p_meets(0.01 + 1e-12) == pytest.approx(mass, abs=1e-3)
+    skewed_cal = Calibration(confidence=0.95)
+    skewed_cal.record(skewed, 0.01)
+    assert skewed_cal.coverage_pit() == pytest.approx(0.95 / mass)
+    # an uncertain wait's atom holds under the confidence: a start on it counts whole
+    unsure = WaitEstimate(mean=10.0, std=1.0, fixed=2.0)
+    assert unsure.atom()[1] < 0.95
+    unsure_cal = Calibration(confidence=0.95)
+    unsure_cal.record(unsure, 2.0)
+    assert unsure_cal.coverage_pit() == 1.0
+    assert WaitEstimate(mean=10.0, std=1.0, tail="normal").atom()[1] == 0.0
+    assert math.isnan(Calibration().coverage_pit())
+
+
 def test_calibration_learns_the_spread_its_recent_errors_call_for():
     z = NormalDist().inv_cdf(0.95)
     est = WaitEstimate(mean=10.0, std=4.0, fixed=2.0)

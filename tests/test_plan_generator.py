@@ -119,6 +119,28 @@ def test_work_starts_no_sooner_than_the_plan_is_in_force():
     assert fixed.ready_s(idle) == 0.045 and fixed.ready_s(busy) == pytest.approx(0.054)
 
 
+def test_a_worker_with_room_takes_pending_work_at_its_step_end_before_the_plan():
+    # plans take 25 ms; w0 runs 2 of its 4 slots and its step ends in 4 ms, w1 is full. The
+    # pending groups (in no virtual queue) are taken from the pending pool in deadline
+    # order: g1 at w0's step end, as sure; g2 finds no slot left there and waits for the plan
+    gen = generator(("w0", "w1"))
+    gen.fixed_compute_s = 0.025
+    roomy = dataclasses.replace(worker("w0"), ready_in_s=0.004,
+                                running_requests=(RunningView("", "c", 0, 500),) * 2)
+    full = dataclasses.replace(busy_worker(), id="w1", ready_in_s=0.004)
+    snap = Snapshot(now_ms=0, groups=(group("g1", 600.0, queued=2), group("g2", 601.0, queued=2)),
+                    workers=(roomy, full))
+    gen(snap)  # the first plan: none made before, so it is in force at once
+    gen(snap)
+    assert gen.ready_s(roomy) == pytest.approx(0.034)  # where the plan starts work on w0
+    gen.group_started("g1", 0.004)
+    # estimated sure at 4 ms and started then: counted as the confidence (randomized PIT)
+    assert (gen.calibration.count, gen.calibration.coverage()) == (1, 1.0)
+    assert gen.calibration.coverage_pit() == pytest.approx(0.95)
+    gen.group_started("g2", 0.004)  # earlier than its estimate: a plain hit
+    assert gen.calibration.coverage_pit() == pytest.approx((0.95 + 1) / 2)
+
+
 def test_new_work_waits_for_the_prompts_a_chunked_prefill_still_owes():
     # steps of 10 ms hold 104 tokens: 100 of prompt beside the 4 decodes at 1 ms a token, so a
     # step that prefills a chunk takes 110 ms. With 350 owed, new work is admitted at the first

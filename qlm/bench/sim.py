@@ -132,6 +132,10 @@ def summarize(result: SimResult, *, scenario: str, load: float, policy: str,
         "planner_ms_p99": round(percentile(sorted(result.planner_ms), 99), 3),
         "plans": result.plans,
         "estimator_coverage": None if calibration is None else round(calibration.coverage(), 4),
+        # the same, a wait estimated sure and right counted as the confidence, not as 1
+        # (Calibration.pit_hits): the calibration where many waits are sure
+        "estimator_coverage_pit": None if calibration is None
+        else round(calibration.coverage_pit(), 4),
         # of the groups whose wait's quantile had room past its sure part (Calibration), and
         # how many: at low loads a handful, too few to judge a 95 % by
         "estimator_coverage_uncertain": None if calibration is None
@@ -173,7 +177,7 @@ def table(runs: list[dict], policies_: list[str]) -> str:
         head = f"{'policy':<12}{'SLO met':>9}{'/fcfs':>7}" + "".join(
             f"{c[:12]:>13}" for c in classes) + f"{'thr rps':>9}{'good rps':>9}" \
             f"{'TTFT p50':>10}{'TTFT p99':>10}{'swaps':>7}{'evict':>7}{'plan p99':>10}" \
-            f"{'est cov':>9}{'unsure cov (n)':>16}{'TPOT met':>10}"
+            f"{'est cov':>9}{'PIT cov':>9}{'unsure cov (n)':>16}{'TPOT met':>10}"
         lines.append(head)
         for p in policies_:
             r = rows[p]
@@ -186,8 +190,8 @@ def table(runs: list[dict], policies_: list[str]) -> str:
                 f"{r['ttft_p50_s']:>10.2f}{r['ttft_p99_s']:>10.2f}{r['model_swaps']:>7}"
                 f"{r['evictions']:>7}"
                 f"{r['planner_ms_p99']:>8.2f}ms"
-                + (f"{r['estimator_coverage']:>9.3f}" if r["estimator_coverage"] is not None
-                   else f"{'-':>9}")
+                + "".join(f"{r[k]:>9.3f}" if r.get(k) is not None else f"{'-':>9}"
+                          for k in ("estimator_coverage", "estimator_coverage_pit"))
                 + (f"{r['estimator_coverage_uncertain']:>9.3f}"
                    f" ({r['estimator_uncertain_count']:>5})"
                    if r.get("estimator_uncertain_count") else f"{'-':>16}")

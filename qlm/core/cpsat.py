@@ -623,11 +623,12 @@ class RefinedPlanGenerator:
         latest = getattr(self.generator, "_latest", None)
         if isinstance(latest, dict):
             now_s = snapshot.now_ms / 1000
-            # the head of a worker that evicts for it keeps the estimate with its evictions
-            evicting = {plan.queues[w][0] for w, ev in plan.evictions.items()
-                        if ev and plan.queues.get(w)}
+            # the head of a worker that evicts for it keeps the estimate with its evictions,
+            # and a group that starts before the plan is in force the estimate of that start
+            keep = {plan.queues[w][0] for w, ev in plan.evictions.items()
+                    if ev and plan.queues.get(w)} | getattr(self.generator, "_early", set())
             latest.update((g, (e, now_s)) for g, e in self.last.estimates.items()
-                          if g not in evicting)
+                          if g not in keep)
         return self.last.plan
 
     def __call__(self, snapshot: Snapshot) -> Plan:

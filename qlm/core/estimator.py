@@ -41,13 +41,19 @@ Choices beyond the paper, each for a known weakness of the published estimator:
   with that room scaled by the 95th percentile of the last 400 scores (Calibration.spread).
   The model above erred on the safe side by a point or two on most loads, and the other way
   where the planner's own compute time was not yet counted; the spread corrects either,
-  whatever the cause, from the estimates' own errors.
+  whatever the cause, from the estimates' own errors. Coverage is reported plainly (the
+  share of waits at or under their quantile) and as the randomized probability integral
+  transform counts it (`Calibration.pit_hits`): there a sure wait estimated right counts as
+  the confidence, as it should for a forecast that puts all its probability on one instant,
+  where the plain share counts it as 1 (and at low loads, where nearly every wait is sure,
+  reads near 1 however calibrated the estimate).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from collections import Counter, deque
 from statistics import NormalDist
@@ -188,6 +194,18 @@ class WaitEstimate:
             return self.mean + z * self.std
         rand, a, b = wh
         return self.fixed + rand * max(a + z * b, 0.0) ** 3
+
+    def atom(self) -> tuple[float, float]:
+        """(where, probability): the wait the estimate puts a probability on by itself. A sure
+        wait is one; the gamma tail puts what its cube-root normal has below zero at `fixed`
+        (the start its sure part alone allows); a normal tail has none (probability 0)."""
+        if self.std <= 0:
+            return self.mean, 1.0
+        wh = self._cube_root_normal()
+        if wh is None:
+            return self.fixed, 0.0
+        _, a, b = wh
+        return self.fixed, _N01.cdf(-a / b)
 
     def p_meets(self, deadline_s: float) -> float:
         """P(wait <= deadline_s)."""
@@ -335,6 +353,11 @@ class WaitingTimeEstimator:
         return QueueWaits(self, worker, model, running, swap_s, ready_s, cold_s, owed_tokens)
 
 
+def _remaining(lengths: OutputLengthStats, model, slo_class, cap, progress, band) -> list:
+    """remaining_many() per request: [mean, variance, se] each."""
+    return lengths.remaining_many(model, slo_class, cap, progress, band).T.tolist()
+
+
 def group_output(lengths: OutputLengthStats, g: QueuedGroup) -> tuple:
     """(cap, band, mean, variance, se) of the output of one request of g: the average of their
     caps stands for each; asked for once per group and plan, not per queue tried."""
@@ -383,8 +406,12 @@ class QueueWaits:
             same.setdefault((r[0], r[2], band), []).append(r)
         left = {}
         for (cls, cap, band), rs in same.items():
-            for r, rest in zip(rs, ls.remaining_many(model, cls, cap, [r[1] for r in rs],
-                                                     band).T.tolist(), strict=True):
+            # asked again within a plan for the same batch (a worker's queue from another
+            # start: evictions, work taken before the plan is in force)
+            progress = tuple(r[1] for r in rs)
+            rests = ls.cached(("remaining", model, cls, cap, band, progress), functools.partial(
+                _remaining, ls, model, cls, cap, progress, band))
+            for r, rest in zip(rs, rests, strict=True):
                 left[r] = rest
         # what the batch holds in KV cache: each request its context and the output still to
         # come (the engine reserves it; paged, it grows there). When that is the limit, fewer
@@ -583,6 +610,13 @@ class Calibration:
         # the estimate is (wa at 1x: 40 % of the waits, 98 % right), and these lift the
         # overall figure
         self.uncertain = self.uncertain_hits = 0
+        # the same with each wait that landed on its estimate's atom counted by the randomized
+        # probability integral transform (Brockwell 2007; Czado, Gneiting and Held 2009): as
+        # the chance that a uniform draw over the atom's probability falls under the
+        # confidence. A sure wait estimated right then counts as the confidence, not as 1:
+        # the calibration of an estimate that is sometimes sure, where the plain fraction
+        # counts how many waits were sure
+        self.pit_hits = 0.0
         self._error_sum = 0.0
         # per recent uncertain wait: (actual - fixed) / (quantile - fixed) before any spread
         self._scores: deque[float] = deque(maxlen=self.WINDOW)
@@ -595,6 +629,10 @@ class Calibration:
         hit = actual_s <= predicted.quantile(self.z) + self.TOLERANCE_S
         self.count += 1
         self.hits += hit
+        at, mass = predicted.atom()
+        self.pit_hits += (min(1.0, self.confidence / mass)
+                          if hit and mass > 0 and abs(actual_s - at) <= self.TOLERANCE_S
+                          else hit)
         room = predicted._raw_quantile(self.z) - predicted.fixed
         if predicted.std > self.TOLERANCE_S and room > self.TOLERANCE_S:
             self.uncertain += 1
@@ -629,6 +667,11 @@ class Calibration:
     def coverage(self) -> float:
         """Fraction of actual waits <= predicted quantile(z); nan before any record."""
         return self.hits / self.count if self.count else math.nan
+
+    def coverage_pit(self) -> float:
+        """coverage() with the waits that landed on an atom counted as the randomized PIT
+        does (see pit_hits); nan before any record."""
+        return self.pit_hits / self.count if self.count else math.nan
 
     def coverage_uncertain(self) -> float:
         """coverage() of the uncertain waits only; nan before any."""
