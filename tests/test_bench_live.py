@@ -63,6 +63,15 @@ def test_bench_live_replays_every_request_through_the_stack(tmp_path):
         outside = max(max(b[0] - v, v - b[1], 0) for v, b in pairs)
         assert row["outside_band"] == pytest.approx(outside, abs=1e-4)
         assert row["within"] == (row["outside_band"] <= report["params"]["tolerance"])
+        # the planner's own check of its wait estimates (GetPlan), and the simulator's: only
+        # a policy that estimates waits has one
+        for f in (lv, sim):
+            c = f["calibration"]
+            if row["policy"] == "fcfs":
+                assert c is None
+            else:
+                assert c is None or (c["waits"] > 0
+                                     and 0 <= c["coverage_pit"] <= c["coverage"] <= 1)
     assert report["within_tolerance"] == all(r["within"] for r in report["rows"])
     printed = {tuple(line.split()[:2]) for line in proc.stdout.splitlines() if line.strip()}
     for policy in ("fcfs", "qlm"):

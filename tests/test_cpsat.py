@@ -8,6 +8,7 @@ import dataclasses
 import random
 import time
 
+import pytest
 from ortools.sat.python import cp_model
 
 from qlm.bench import planner
@@ -211,5 +212,12 @@ async def test_live_planner_installs_the_greedy_plan_then_refines_it(redis_serve
         plan = await stack.planner().GetPlan(planner_pb2.GetPlanRequest())
         assert plan.policy == "qlm-cpsat" and plan.leader
         assert refined_after and all(refined_after)
+        # the groups that queued started after a plan had estimated their wait: the planner
+        # reports how those estimates held
+        cal, kept = plan.calibration, loop.policy.calibration
+        assert plan.HasField("calibration") and cal.waits == kept.count > 0
+        assert cal.confidence == pytest.approx(0.95)
+        assert 0 <= cal.coverage_pit <= cal.coverage <= 1
+        assert cal.coverage == pytest.approx(kept.coverage())
     finally:
         await stack.stop()

@@ -256,6 +256,7 @@ async def test_planner_places_groups_and_standby_refuses_to_plan(redis_server, t
         plan = await stack.planner(standby).Replan(planner_pb2.ReplanRequest())
         assert plan.leader and plan.epoch == stack.planners[standby][0].epoch
         assert {q.worker_id for q in plan.queues} == {"w0", "w1"}
+        assert not plan.HasField("calibration")  # no group has started: nothing to report
         # the deposed leader cannot install a plan any more
         assert await stack.planners[leader_i][0].plan_once() is None
     finally:

@@ -45,7 +45,14 @@ from qlm.sim import get_scenario, load_trace, scale_load
 from qlm.sim.scenarios import MODELS, SimRequest
 from qlm.sim.simulator import Simulation
 from qlm.sim.traces import TraceRequest
-from qlm.v1 import router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from qlm.v1 import (
+    planner_pb2,
+    planner_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
 
 ATTAINMENT_TOLERANCE = 0.05
 POLICY_NAMES = ("fcfs", "priority", "edf", "qlm")
@@ -192,9 +199,10 @@ def simulate(requests: list[SimRequest], fleet, policy: str, scenario, s: float,
     max_tokens (Simulation's `oracle` switch) because the live router stores them too: the
     replay must send max_tokens = the trace's output length so the engines stop there."""
     deadlines = {c: ms / 1000 for c, ms in deadlines_ms(scenario, s).items()}
-    result = Simulation(requests, fleet, bench_sim.make_policy(policy, fleet, deadlines),
-                        max_group_size=MAX_GROUP_SIZE, plan_interval_s=interval_s,
-                        plan_debounce_s=debounce_s, oracle=True).run()
+    planner = bench_sim.make_policy(policy, fleet, deadlines)
+    result = Simulation(requests, fleet, planner, max_group_size=MAX_GROUP_SIZE,
+                        plan_interval_s=interval_s, plan_debounce_s=debounce_s,
+                        oracle=True).run()
     by_id = {r.spec.id: r for r in result.requests}
     ordered = [by_id[r.id] for r in requests]
     ttfts = [None if r.first_token_s is None else r.first_token_s - r.spec.arrival_s
@@ -206,6 +214,10 @@ def simulate(requests: list[SimRequest], fleet, policy: str, scenario, s: float,
     row["planner_ms_p99"] = round(percentile(sorted(result.planner_ms), 99), 3)
     row["requeues"] = result.evictions
     row["model_swaps"] = result.model_swaps
+    cal = getattr(planner, "calibration", None)
+    row["calibration"] = {"waits": cal.count, "coverage": round(cal.coverage(), 4),
+                          "coverage_pit": round(cal.coverage_pit(), 4)} if cal and cal.count \
+        else None
     row["start_to_first_token_p99_s"] = round(percentile(sorted(
         (r.first_token_s - r.start_s) / s for r in ordered), 99), 3)
     return row
@@ -394,6 +406,18 @@ async def model_swaps(cfg) -> int:
     return total
 
 
+async def planner_calibration(cfg) -> dict | None:
+    """How the planner's waiting-time estimates held (its GetPlan), None if it reports none."""
+    async with grpc.aio.insecure_channel(dial_address(cfg.planner_listen)) as channel:
+        plan = await planner_pb2_grpc.PlannerStub(channel).GetPlan(
+            planner_pb2.GetPlanRequest(), timeout=10)
+    if not plan.HasField("calibration"):
+        return None
+    c = plan.calibration
+    return {"waits": c.waits, "coverage": round(c.coverage, 4),
+            "coverage_pit": round(c.coverage_pit, 4)}
+
+
 def run_stack(config_path: pathlib.Path, requests: list[SimRequest], policy: str, s: float,
               timeout_s: float, progress: bool, redis_pool: int = REDIS_POOL) -> dict:
     """One policy: a fresh stack on its own Redis, the replay, everything stopped."""
@@ -418,6 +442,7 @@ def run_stack(config_path: pathlib.Path, requests: list[SimRequest], policy: str
             progress=f"live {policy}" if progress else ""))
         cpu = {n: round(cpu_seconds(p) - cpu0[n], 2) for n, p in pids.items()}
         swaps = asyncio.run(model_swaps(cfg))
+        calibration = asyncio.run(planner_calibration(cfg))
         # the machine is shared: what else ran shows in its load average
         loadavg = [round(load0, 2), round(os.getloadavg()[0], 2)]
     finally:
@@ -426,6 +451,7 @@ def run_stack(config_path: pathlib.Path, requests: list[SimRequest], policy: str
     row = live_row(requests, outcomes, s)
     row["wall_s"] = round(wall, 2)
     row["model_swaps"] = swaps
+    row["calibration"] = calibration
     row["cpu_s"] = cpu
     row["loadavg_1m"] = loadavg
     # share of the machine's cores the stack and the client kept busy
@@ -509,6 +535,10 @@ def table(report: dict) -> str:
                         + f", {f['requeues']} requeued, {f['model_swaps']} swaps"
                         + f", cpu {f['cpu_busy']:.0%}, load {max(f['loadavg_1m']):.1f}, "
                         f"{f['wall_s']:.0f} s")
+            if f.get("calibration"):
+                c = f["calibration"]
+                note += (f", waits covered {c['coverage']:.2f} (PIT {c['coverage_pit']:.2f})"
+                         f" of {c['waits']}")
             lines.append(
                 f"{r['policy']:<9}{source:<7}{f['slo_attainment']:>8.3f}"
                 + "".join(f"{f['slo_attainment_by_class'].get(c, 0):>12.3f}" for c in classes)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qlm/v1/planner.proto\x12\x06qlm.v1\"\x10\n\x0eGetPlanRequest\"\x0f\n\rReplanRequest\"4\n\x0cVirtualQueue\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tgroup_ids\x18\x02 \x03(\t\"\x95\x01\n\x04Plan\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12$\n\x06queues\x18\x04 \x03(\x0b\x32\x14.qlm.v1.VirtualQueue\x12\x12\n\ncreated_ms\x18\x05 \x01(\x01\x12\x12\n\ncompute_ms\x18\x06 \x01(\x01\x12\x0e\n\x06leader\x18\x07 \x01(\x08\x32i\n\x07Planner\x12/\n\x07GetPlan\x12\x16.qlm.v1.GetPlanRequest\x1a\x0c.qlm.v1.Plan\x12-\n\x06Replan\x12\x15.qlm.v1.ReplanRequest\x1a\x0c.qlm.v1.Planb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14qlm/v1/planner.proto\x12\x06qlm.v1\"\x10\n\x0eGetPlanRequest\"\x0f\n\rReplanRequest\"4\n\x0cVirtualQueue\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tgroup_ids\x18\x02 \x03(\t\"\xc8\x01\n\x04Plan\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12$\n\x06queues\x18\x04 \x03(\x0b\x32\x14.qlm.v1.VirtualQueue\x12\x12\n\ncreated_ms\x18\x05 \x01(\x01\x12\x12\n\ncompute_ms\x18\x06 \x01(\x01\x12\x0e\n\x06leader\x18\x07 \x01(\x08\x12\x31\n\x0b\x63\x61libration\x18\x08 \x01(\x0b\x32\x1c.qlm.v1.EstimatorCalibration\"\x90\x01\n\x14\x45stimatorCalibration\x12\x12\n\nconfidence\x18\x01 \x01(\x01\x12\r\n\x05waits\x18\x02 \x01(\x04\x12\x10\n\x08\x63overage\x18\x03 \x01(\x01\x12\x14\n\x0c\x63overage_pit\x18\x04 \x01(\x01\x12\x11\n\tuncertain\x18\x05 \x01(\x04\x12\x1a\n\x12\x63overage_uncertain\x18\x06 \x01(\x01\x32i\n\x07Planner\x12/\n\x07GetPlan\x12\x16.qlm.v1.GetPlanRequest\x1a\x0c.qlm.v1.Plan\x12-\n\x06Replan\x12\x15.qlm.v1.ReplanRequest\x1a\x0c.qlm.v1.Planb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,7 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VIRTUALQUEUE']._serialized_start=67
   _globals['_VIRTUALQUEUE']._serialized_end=119
   _globals['_PLAN']._serialized_start=122
-  _globals['_PLAN']._serialized_end=271
-  _globals['_PLANNER']._serialized_start=273
-  _globals['_PLANNER']._serialized_end=378
+  _globals['_PLAN']._serialized_end=322
+  _globals['_ESTIMATORCALIBRATION']._serialized_start=325
+  _globals['_ESTIMATORCALIBRATION']._serialized_end=469
+  _globals['_PLANNER']._serialized_start=471
+  _globals['_PLANNER']._serialized_end=576
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,17 @@ class PlannerService(planner_pb2_grpc.PlannerServicer):
             created_ms=float(info.get("created_ms", 0)),
             compute_ms=float(info.get("compute_ms", 0)),
             leader=self.loop.leader,
+            calibration=self._calibration(),
         )
+
+    def _calibration(self) -> planner_pb2.EstimatorCalibration | None:
+        cal = getattr(self.loop.policy, "calibration", None)
+        if cal is None or not cal.count:
+            return None
+        return planner_pb2.EstimatorCalibration(
+            confidence=cal.confidence, waits=cal.count, coverage=cal.coverage(),
+            coverage_pit=cal.coverage_pit(), uncertain=cal.uncertain,
+            coverage_uncertain=cal.coverage_uncertain() if cal.uncertain else 0.0)
 
     async def GetPlan(self, request, context):
         return await self._plan_in_force()
