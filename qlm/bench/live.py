@@ -215,9 +215,7 @@ def simulate(requests: list[SimRequest], fleet, policy: str, scenario, s: float,
     row["requeues"] = result.evictions
     row["model_swaps"] = result.model_swaps
     cal = getattr(planner, "calibration", None)
-    row["calibration"] = {"waits": cal.count, "coverage": round(cal.coverage(), 4),
-                          "coverage_pit": round(cal.coverage_pit(), 4)} if cal and cal.count \
-        else None
+    row["calibration"] = calibration_shown(cal.summary().get) if cal and cal.count else None
     row["start_to_first_token_p99_s"] = round(percentile(sorted(
         (r.first_token_s - r.start_s) / s for r in ordered), 99), 3)
     return row
@@ -413,9 +411,13 @@ async def planner_calibration(cfg) -> dict | None:
             planner_pb2.GetPlanRequest(), timeout=10)
     if not plan.HasField("calibration"):
         return None
-    c = plan.calibration
-    return {"waits": c.waits, "coverage": round(c.coverage, 4),
-            "coverage_pit": round(c.coverage_pit, 4)}
+    return calibration_shown(lambda name: getattr(plan.calibration, name))
+
+
+def calibration_shown(figure) -> dict:
+    """The calibration figures the report shows, by their names in Calibration.summary() and
+    the EstimatorCalibration message (`figure`: name -> value)."""
+    return {name: round(figure(name), 4) for name in ("waits", "coverage", "coverage_pit")}
 
 
 def run_stack(config_path: pathlib.Path, requests: list[SimRequest], policy: str, s: float,

@@ -677,6 +677,14 @@ class Calibration:
         """coverage() of the uncertain waits only; nan before any."""
         return self.uncertain_hits / self.uncertain if self.uncertain else math.nan
 
+    def summary(self) -> dict:
+        """The figures a report shows (the planner's GetPlan, qlm bench live), by the names of
+        the EstimatorCalibration message."""
+        return {"confidence": self.confidence, "waits": self.count,
+                "coverage": self.coverage(), "coverage_pit": self.coverage_pit(),
+                "uncertain": self.uncertain,
+                "coverage_uncertain": self.coverage_uncertain() if self.uncertain else 0.0}
+
     def bias_s(self) -> float:
         """Mean of (actual - predicted mean): > 0 means the estimator is optimistic."""
         return self._error_sum / self.count if self.count else math.nan

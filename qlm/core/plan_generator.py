@@ -258,11 +258,16 @@ class PlanGenerator:
         end: see _pending_starts."""
         return self._ready(w)[0]
 
+    def _in_force_s(self) -> float:
+        """How long after its snapshot this plan will be in force: the longest of the last
+        few plans' compute times."""
+        return max(self._compute_s, default=0.0)
+
     def _ready(self, w: WorkerView, delay: float | None = None) -> tuple[float, int]:
         """ready_s, and the prompt tokens the batch still owes then (less than a chunk).
         delay: when the work can be there (default: once the plan is in force)."""
         if delay is None:
-            delay = max(self._compute_s, default=0.0)
+            delay = self._in_force_s()
         t = w.ready_in_s
         if not w.running_requests or not w.loaded:
             return max(t, delay), 0
@@ -373,7 +378,7 @@ class PlanGenerator:
         the plan is in force: it stood for a later start than theirs (wa at 0.5x: 70 % of the
         sure starts came earlier than estimated, at the median after a third of the wait).
         `ordered`: the snapshot's groups by deadline."""
-        delay = max(self._compute_s, default=0.0)
+        delay = self._in_force_s()
         self._early = set()
         pending: dict[str, list[GroupView]] = {}
         own: dict[str, list[GroupView]] = {}

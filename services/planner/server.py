@@ -33,10 +33,7 @@ class PlannerService(planner_pb2_grpc.PlannerServicer):
         cal = getattr(self.loop.policy, "calibration", None)
         if cal is None or not cal.count:
             return None
-        return planner_pb2.EstimatorCalibration(
-            confidence=cal.confidence, waits=cal.count, coverage=cal.coverage(),
-            coverage_pit=cal.coverage_pit(), uncertain=cal.uncertain,
-            coverage_uncertain=cal.coverage_uncertain() if cal.uncertain else 0.0)
+        return planner_pb2.EstimatorCalibration(**cal.summary())
 
     async def GetPlan(self, request, context):
         return await self._plan_in_force()
